@@ -1,0 +1,19 @@
+# The two commands of the README: `make train` (the main job, end to end) and `make test` (the suite).
+# Both set up .venv first (launch/setup.sh is idempotent).
+SHELL := /bin/bash
+VENV := .venv/bin
+RUN_DIR ?= runs/llama_tiny
+
+.PHONY: setup train test lint bench
+setup:
+	@bash launch/setup.sh
+
+train: setup
+	$(VENV)/megatron-adamc train --config configs/train/llama_tiny.yaml --output-dir $(RUN_DIR)
+
+test: setup
+	$(VENV)/ruff check . && $(VENV)/ruff format --check .
+	$(VENV)/python -m pytest -q
+
+bench: setup
+	$(VENV)/python benchmarks/optimizer_step.py

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates .venv with the tested stack (constraints.txt) and builds DeepSpeed's ops once, so that training and test
+# ranks never race on the JIT build lock. Idempotent: a finished set-up leaves .venv/.setup-done and is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+STAMP=.venv/.setup-done
+if [ -f "$STAMP" ] && [ "$STAMP" -nt constraints.txt ] && [ "$STAMP" -nt pyproject.toml ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt)
+"${PIP[@]}" --upgrade pip setuptools wheel
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "${PIP[@]}" torch   # a GPU machine: the CUDA build of the pinned torch
+  else
+    "${PIP[@]}" torch==2.13.0   # the CPU wheel on this kind of machine
+  fi
+fi
+# DeepSpeed builds against the torch above; with build isolation it would pull another torch.
+"${PIP[@]}" --no-build-isolation deepspeed
+"${PIP[@]}" --no-build-isolation -e ".[dev]"
+# Build the ops DeepSpeed JIT-compiles on first use (about 100 s each on 2 cores), once, in one process.
+.venv/bin/python - <<'PY'
+import time
+from deepspeed.accelerator import get_accelerator
+
+acc = get_accelerator()
+names = ["FusedAdamBuilder", "CPUAdamBuilder"] + (["ShareMemCommBuilder"] if acc.device_name() == "cpu" else [])
+for name in names:
+    start = time.time()
+    builder = acc.create_op_builder(name)
+    if builder is None or not builder.is_compatible():
+        print(f"setup: {name} not available on {acc.device_name()}, skipped")
+        continue
+    builder.load(verbose=False)
+    print(f"setup: DeepSpeed op {builder.name} ready ({time.time() - start:.0f} s)")
+PY
+touch "$STAMP"

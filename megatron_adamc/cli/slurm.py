@@ -1,0 +1,117 @@
+"""``megatron-adamc slurm submit``: render (and run) the sbatch line for launch/slurm/*.sbatch.
+
+WHY: sizes (nodes, GPUs, time) belong on the command line, not in edited copies of the scripts. Paths are made
+absolute here, once, so the job (and every requeue of it) sees the same config and output directory whatever
+directory it starts in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_adamc.cli import UserError
+
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch" / "slurm"
+SCRIPTS = {"train": "train.sbatch", "megatron": "megatron.sbatch"}
+# Slurm's --time forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+TIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+SET_RE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("slurm", help="submit training to Slurm (launch/slurm/*.sbatch)")
+    sub = parser.add_subparsers(dest="slurm_command", required=True)
+    p = sub.add_parser("submit", help="render and run the sbatch command line (or only print it: --dry-run)")
+    p.add_argument("--config", required=True, help="training config (YAML)")
+    p.add_argument("--nodes", required=True, type=int, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one process per GPU")
+    p.add_argument(
+        "--nproc-per-node",
+        "--cpus-per-node",
+        dest="nproc_per_node",
+        type=int,
+        default=None,
+        help="processes per node on CPU nodes (gloo); default 1",
+    )
+    p.add_argument("--time", help="time limit, Slurm format (e.g. 04:00:00 or 2-00:00:00)")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--job-name", help="Slurm job name")
+    p.add_argument("--output-dir", help="run directory (checkpoints, metrics, Slurm logs); default runs/CONFIG-TIME")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--script", choices=sorted(SCRIPTS), default="train", help="which sbatch script (default train)")
+    p.add_argument("--container-image", help="run inside this image through pyxis (sets CONTAINER_IMAGE)")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG", help="extra sbatch option, repeatable")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch command line and submit nothing")
+    p.set_defaults(func=run)
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
+
+
+def build_command(args: argparse.Namespace) -> tuple[list[str], Path]:
+    """The sbatch argv and the resolved output directory; raises UserError on bad input."""
+    _positive("--nodes", args.nodes)
+    _positive("--gpus-per-node", args.gpus_per_node, minimum=0)
+    _positive("--nproc-per-node", args.nproc_per_node)
+    if args.gpus_per_node and args.nproc_per_node and args.nproc_per_node != args.gpus_per_node:
+        raise UserError("--nproc-per-node is for CPU nodes; with --gpus-per-node there is one process per GPU")
+    config = Path(args.config).expanduser().resolve()
+    if not config.is_file():
+        raise UserError(f"--config {args.config}: no such file")
+    if args.time is not None and not TIME_RE.match(args.time):
+        raise UserError(f"--time {args.time!r}: use a Slurm time such as 30, 04:00:00 or 2-00:00:00")
+    for kv in args.set:
+        if not SET_RE.match(kv):
+            raise UserError(f"--set {kv!r}: use KEY=VALUE, e.g. --set train.steps=100")
+    if args.output_dir:
+        out = Path(args.output_dir).expanduser().resolve()
+    else:
+        out = (Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    script = LAUNCH_DIR / SCRIPTS[args.script]
+    nproc = args.gpus_per_node or args.nproc_per_node or 1
+    exports = {"NPROC_PER_NODE": str(nproc), "MEGATRON_ADAMC_LAUNCH_DIR": str(LAUNCH_DIR)}
+    if args.container_image:
+        exports["CONTAINER_IMAGE"] = args.container_image
+    for key, value in exports.items():
+        if "," in value:  # sbatch --export splits on commas
+            raise UserError(f"{key}={value!r} contains a comma, which sbatch --export cannot carry; rename the path")
+
+    cmd = ["sbatch", f"--nodes={args.nodes}"]
+    if args.gpus_per_node:
+        cmd.append(f"--gpus-per-node={args.gpus_per_node}")
+    if args.time:
+        cmd.append(f"--time={args.time}")
+    if args.partition:
+        cmd.append(f"--partition={args.partition}")
+    if args.job_name:
+        cmd.append(f"--job-name={args.job_name}")
+    cmd.append(f"--output={out / 'slurm' / '%x-%j.out'}")
+    cmd.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()))
+    cmd.extend(args.sbatch_arg)
+    cmd.append(str(script))
+    cmd.extend(["--config", str(config), "--output-dir", str(out)])
+    for kv in args.set:
+        cmd.extend(["--set", kv])
+    return cmd, out
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd, out = build_command(args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run)")
+    (out / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's directory
+    print(shlex.join(cmd), file=sys.stderr)
+    proc = subprocess.run(cmd)
+    return proc.returncode

@@ -1,0 +1,20 @@
+"""Small-scale reproductions (issue 7): each experiment is one module with a pydantic ``Config`` and
+``run(config, output_dir) -> dict`` that writes ``results.json`` and its plots under ``output_dir``.
+
+The registry maps the CLI name to the module path, imported only when that experiment is asked for, so adding an
+experiment is one line here and the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+EXPERIMENTS: dict[str, str] = {
+    "steady-state": "megatron_adamc.experiments.steady_state",
+}
+
+
+def load(name: str) -> ModuleType:
+    """The experiment's module; KeyError for an unknown name (the CLI turns it into a one-line error)."""
+    return importlib.import_module(EXPERIMENTS[name])

@@ -1,0 +1,50 @@
+"""The usual decay / no-decay split, so nobody writes it by hand.
+
+Weights of two or more dimensions are decayed; biases, norm gains and other 1-D tensors are not. Embeddings
+(``nn.Embedding`` weights) can be excluded as well, as some recipes do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def decay_param_groups(
+    model: nn.Module,
+    weight_decay: float | None = None,
+    exclude_embeddings: bool = False,
+) -> list[dict[str, Any]]:
+    """Two param groups, ``decay`` and ``no_decay`` (empty groups are dropped).
+
+    ``weight_decay``: the decay group's lambda; None leaves it to the optimizer's default (the DeepSpeed JSON).
+    The no-decay group always gets weight_decay 0, so AdamC leaves it alone.
+    """
+    embedding_ids = set()
+    if exclude_embeddings:
+        embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_ids:
+            no_decay.append(param)
+            no_decay_names.append(name)
+        else:
+            decay.append(param)
+            decay_names.append(name)
+    groups: list[dict[str, Any]] = []
+    if decay:
+        group: dict[str, Any] = {"params": decay, "name": "decay"}
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        groups.append(group)
+    if no_decay:
+        groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0})
+    return groups
+
+
+def count_params(groups: list[dict[str, Any]]) -> int:
+    return sum(p.numel() for g in groups for p in g["params"] if isinstance(p, torch.Tensor))

@@ -1,0 +1,106 @@
+"""Forward hooks on the quantities that grow before a divergence (Rybakov et al., arXiv 2410.16682).
+
+RMS of the outputs of ``layers.{i}.attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, and the largest attention
+logit of ``layers.{i}.attn`` (its ``last_max_logit``, set when ``track_max_logit`` is on). Hooks stay registered
+but return at once unless armed; on an armed step they add device-side sums (no host sync) that the tracker
+reduces with everything else. With FP8 simulation on, the INPUT of each tracked linear (what an FP8 GEMM would
+cast) goes through the E4M3 delayed-scaling cast too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron_adamc.core import fp8
+from megatron_adamc.core.fp8 import AmaxHistory
+
+LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
+ATTENTION = re.compile(r"(?:^|\.)(layers\.\d+)\.attn$")
+SUMSQ, COUNT = range(2)
+
+
+class ActivationStats:
+    """Sums of squares and element counts per tracked module; maxima of logits and FP8 input amax."""
+
+    def __init__(self, model: nn.Module, device: torch.device, low_precision: bool, amax_history: int) -> None:
+        self.device = device
+        self.low_precision = low_precision
+        self.modules: list[str] = []
+        self.layers: list[str] = []
+        self._attention: list[nn.Module] = []
+        self._restore: list[bool] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            if LINEAR.search(name):
+                self._handles.append(module.register_forward_hook(self._linear_hook(len(self.modules))))
+                self.modules.append(name)
+            match = ATTENTION.search(name)
+            if match and hasattr(module, "track_max_logit"):
+                self._handles.append(module.register_forward_hook(self._attention_hook(len(self.layers))))
+                self.layers.append(match.group(1))
+                self._attention.append(module)
+        self.histories = [AmaxHistory("e4m3", amax_history) for _ in self.modules]
+        self.sums = torch.zeros(len(self.modules), 2, dtype=torch.float64, device=device)
+        self.fp8_sums = torch.zeros(len(self.modules), fp8.NUM_SUMS, dtype=torch.float64, device=device)
+        # Columns of maxima: the input amax of each linear, then the max logit of each attention layer.
+        self.maxima = torch.full((len(self.modules) + len(self.layers),), -torch.inf, device=device)
+        self._scales = [1.0] * len(self.modules)
+        self.armed = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def arm(self) -> None:
+        self.sums.zero_()
+        self.fp8_sums.zero_()
+        self.maxima.fill_(-torch.inf)
+        self._scales = [history.scale() for history in self.histories]
+        # Explicit attention (to read the logits) only on armed steps; a model that tracks always is left alone.
+        self._restore = [bool(module.track_max_logit) for module in self._attention]
+        for module in self._attention:
+            module.track_max_logit = True
+            module.last_max_logit = None
+        self.armed = True
+
+    def disarm(self) -> None:
+        for module, previous in zip(self._attention, self._restore, strict=True):
+            module.track_max_logit = previous
+        self._restore = [False] * len(self._attention)
+        self.armed = False
+
+    def _linear_hook(self, index: int):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self.armed or not isinstance(output, torch.Tensor):
+                return
+            with torch.no_grad():
+                out = output.detach().float().reshape(-1)
+                self.sums[index, SUMSQ] += torch.dot(out, out).to(self.sums.dtype)
+                self.sums[index, COUNT] += out.numel()
+                if self.low_precision and inputs and isinstance(inputs[0], torch.Tensor):
+                    x = inputs[0].detach()
+                    self.maxima[index] = torch.maximum(self.maxima[index], x.abs().max().float())
+                    if self.histories[index].ready:
+                        self.fp8_sums[index] += fp8.fp8_sums(x, self._scales[index], "e4m3").to(self.sums.dtype)
+
+        return hook
+
+    def _attention_hook(self, index: int):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            logit = getattr(module, "last_max_logit", None)
+            if self.armed and isinstance(logit, torch.Tensor):
+                column = len(self.modules) + index  # all linears are known by now, not at registration
+                self.maxima[column] = torch.maximum(self.maxima[column], logit.detach().float().to(self.device))
+
+        return hook
+
+    def push_amax(self, maxima: list[float]) -> None:
+        """After the reduction: the step's input amax joins each linear's history (the delayed scale)."""
+        if self.low_precision:
+            for history, amax in zip(self.histories, maxima[: len(self.modules)], strict=True):
+                history.push(amax)

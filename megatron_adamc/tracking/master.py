@@ -1,0 +1,158 @@
+"""Per-parameter sums over the FP32 master partition, taken inside the optimizer step.
+
+Hook point: torch's step pre/post hooks on the BASIC optimizer (the kernel DeepSpeed wraps). It is the one place
+that looks the same on every stage: the flat FP32 partition is in ``param_groups`` with its gradient already
+reduced and in FP32, just before the kernel reads it (pre), and the stepped weights just after (post). ZeRO-1/2
+call the kernel once per group, ZeRO-3 once per sub-group, the bf16 wrapper and stage 0 once: the hooks simply
+accumulate over the calls of one step. DeepSpeed has clipped the gradient by then; the pre-hook multiplies it back
+by DeepSpeed's own clip factor, computed from the global norm it stored just before, so the gradient reported is
+the one before clipping. AdamC's hooks sit on the same optimizer and are independent of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from megatron_adamc.core import fp8
+from megatron_adamc.core.norms import unclip_factor
+from megatron_adamc.tracking.layout import Layout
+
+# Columns of the per-parameter sums.
+W2, G2, WG, U2, CHANGED, STALE = range(6)
+NUM_COLUMNS = 6
+# Columns of the per-parameter maxima.
+W_AMAX, G_AMAX = range(2)
+
+
+class MasterStats:
+    """Accumulates per-parameter sums of this rank's partition while ``armed``; ``tables()`` hands them over."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        optimizers: list[torch.optim.Optimizer],
+        global_norm: Callable[[], float | None],
+        clip: float,
+        device: torch.device,
+        low_precision: bool = False,
+        lp_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.layout = layout
+        self.global_norm = global_norm
+        self.clip = clip
+        self.device = device
+        self.low_precision = low_precision
+        self.lp_dtype = lp_dtype if lp_dtype in (torch.bfloat16, torch.float16) else None
+        self.param_groups = optimizers[0].param_groups  # the full list; ZeRO-1/2 swap in a one-group list
+        n = len(layout.names)
+        self.sums = torch.zeros(n, NUM_COLUMNS, dtype=torch.float64, device=device)
+        self.fp8_sums = torch.zeros(n, 2 * fp8.NUM_SUMS, dtype=torch.float64, device=device)
+        self.maxima = torch.zeros(n, 2, dtype=torch.float32, device=device)
+        self.weight_scales: list[float] = [1.0] * n
+        self.grad_scales: list[float] = [1.0] * n
+        self.fp8_ready = False
+        self.armed = False
+        self.factor: float | None = None
+        self.step_lrs: list[float] = []
+        self._snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = []
+        for optimizer in optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre))
+            self._handles.append(optimizer.register_step_post_hook(self._post))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def arm(self) -> None:
+        self.sums.zero_()
+        self.fp8_sums.zero_()
+        self.maxima.zero_()
+        self.factor = None
+        self.step_lrs = [float(group["lr"]) for group in self.param_groups]
+        self._snapshots.clear()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+        self._snapshots.clear()
+
+    def _rows(self, layout: Any) -> torch.Tensor:
+        rows = getattr(layout, "_row_tensor", None)
+        if rows is None:
+            rows = torch.tensor(layout.rows, dtype=torch.long, device=self.device)
+            layout._row_tensor = rows
+        return rows
+
+    @torch.no_grad()
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.armed:
+            return
+        if self.factor is None:
+            # Set by DeepSpeed before its first kernel call of the step; the same for every call of this step.
+            self.factor = unclip_factor(self.global_norm(), self.clip)
+            self.step_lrs = [float(group["lr"]) for group in self.param_groups]
+        f = self.factor
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                layout = self.layout.find(param)
+                if layout is None or param.grad is None or not layout.rows:
+                    continue
+                w = param.detach().reshape(-1)
+                g = param.grad.detach().reshape(-1)
+                if g.dtype != w.dtype:
+                    g = g.to(w.dtype)
+                rows = self._rows(layout)
+                values = []
+                for ws, gs in zip(layout.views(w), layout.views(g), strict=True):
+                    values.append(torch.stack([torch.dot(ws, ws), torch.dot(gs, gs) * (f * f), torch.dot(ws, gs) * f]))
+                self.sums[:, :3].index_add_(0, rows, torch.stack(values).to(self.device, torch.float64))
+                if self.low_precision:
+                    self._fp8(layout, w, g, f, rows)
+                self._snapshots[id(param)] = (param, w.clone())
+
+    def _fp8(self, layout: Any, w: torch.Tensor, g: torch.Tensor, f: float, rows: torch.Tensor) -> None:
+        """E4M3 on the master weights, E5M2 on the gradient before clipping (``g * f``, folded into the scale)."""
+        sums, amax = [], []
+        for row, ws, gs in zip(layout.rows, layout.views(w), layout.views(g), strict=True):
+            amax.append(torch.stack([ws.abs().max(), gs.abs().max() * f]))
+            if not self.fp8_ready:
+                continue  # the first tracked step only records the amax that the next one scales by
+            w_sums = fp8.fp8_sums(ws, self.weight_scales[row], "e4m3")
+            g_sums = fp8.fp8_sums(gs, self.grad_scales[row] * f, "e5m2")
+            g_sums[fp8.ERROR_SQ] *= f * f
+            g_sums[fp8.VALUE_SQ] *= f * f
+            sums.append(torch.cat([w_sums, g_sums]))
+        if sums:
+            self.fp8_sums.index_add_(0, rows, torch.stack(sums).to(self.device, torch.float64))
+        # A parameter appears at most once in a flat tensor, so the rows here are distinct.
+        self.maxima[rows] = torch.maximum(self.maxima[rows], torch.stack(amax).to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.armed:
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                snapshot = self._snapshots.pop(id(param), None)
+                if snapshot is None:
+                    continue
+                layout = self.layout.find(param)
+                old = snapshot[1]
+                new = param.detach().reshape(-1)
+                diff = new - old
+                rows = self._rows(layout)
+                columns = [torch.stack([torch.dot(d, d) for d in layout.views(diff)])]
+                if self.lp_dtype is not None and self.low_precision:
+                    # The low-precision copy DeepSpeed writes next is new.to(bf16); it equals the old copy
+                    # although the master moved: that update was lost to rounding.
+                    changed = diff != 0
+                    stale = changed & (new.to(self.lp_dtype) == old.to(self.lp_dtype))
+                    columns.append(torch.stack([c.sum() for c in layout.views(changed)]).to(diff.dtype))
+                    columns.append(torch.stack([s.sum() for s in layout.views(stale)]).to(diff.dtype))
+                values = torch.stack(columns, dim=1).to(self.device, torch.float64)
+                self.sums[:, U2 : U2 + values.shape[1]].index_add_(0, rows, values)

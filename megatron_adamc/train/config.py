@@ -1,0 +1,171 @@
+"""The trainer's one config: a YAML file validated by pydantic, plus ``--set key=value`` overrides.
+
+Unknown or mistyped keys are errors that name the key, so a typo can never silently train the default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megatron_adamc.cli import UserError
+from megatron_adamc.tracking.config import TrackingConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(BaseModel):
+    """``preset`` plus any LlamaConfig field as an override; checked against LlamaConfig when the model is built."""
+
+    model_config = ConfigDict(extra="allow")
+
+    preset: str = "tiny"
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimizerSection(_Section):
+    type: Literal["AdamC", "AdamW"] = "AdamC"
+    lr: float = Field(3e-3, gt=0, description="the peak lr; the schedule multiplies it")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    lr_max: float | None = Field(None, gt=0, description="AdamC's lr_max; default: optimizer.lr, the schedule's peak")
+    exclude_embeddings_from_decay: bool = False
+    torch_adam: bool = False
+
+
+class SchedulerSection(_Section):
+    type: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the final fraction of steps that decays")
+
+
+class TrainSection(_Section):
+    steps: int = Field(300, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seq_len: int = Field(256, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
+    deepspeed: str = Field("configs/deepspeed/zero1.json", description="DeepSpeed JSON: ZeRO stage, precision")
+    log_interval: int = Field(1, gt=0)
+    eval_interval: int = Field(100, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_interval: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    stop_at_step: int | None = Field(
+        None, gt=0, description="end this invocation after this step (checkpointed); the schedule still spans steps"
+    )
+
+
+class DataSection(_Section):
+    """Either the embedded default corpus (``default_corpus: true``) or Megatron indexed datasets."""
+
+    default_corpus: bool = True
+    cache_dir: str = "~/.cache/megatron-adamc/default-corpus"
+    vocab_size: int = Field(4096, gt=0, description="default corpus: the tokenizer's vocabulary")
+    max_bytes: int = Field(8_000_000, gt=0, description="default corpus: bytes of stdlib source to use")
+    train: str | list[Any] | None = Field(None, description="indexed-dataset prefix, or a blend [w1, p1, w2, p2, ...]")
+    valid: str | list[Any] | None = None
+    split: str | None = Field(None, description='e.g. "98,2,0": validation drawn from data.train')
+    tokenizer: str | None = Field(None, description="SentencePiece .model matching data.train")
+    index_cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if not self.default_corpus and (self.train is None or self.tokenizer is None):
+            raise ValueError("data.train and data.tokenizer are required when data.default_corpus is false")
+        return self
+
+
+class LoggingSection(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron-adamc"
+    progress: bool = True
+
+
+class TrainConfig(_Section):
+    seed: int = 1234
+    model: ModelSection = ModelSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    train: TrainSection = TrainSection()
+    data: DataSection = DataSection()
+    tracking: TrackingConfig = TrackingConfig()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainConfig:
+        if self.scheduler.warmup_steps >= self.train.steps:
+            raise ValueError(
+                f"scheduler.warmup_steps={self.scheduler.warmup_steps} must be below train.steps={self.train.steps}"
+            )
+        if self.scheduler.min_lr > self.optimizer.lr:
+            raise ValueError(f"scheduler.min_lr={self.scheduler.min_lr} is above optimizer.lr={self.optimizer.lr}")
+        return self
+
+
+def one_line(err: ValidationError) -> str:
+    """pydantic's first error as ``key.path: message``, the fix included where pydantic gives it."""
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key: check its spelling against configs/train/llama_tiny.yaml"
+    elif first["type"].startswith("literal_error"):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``a.b.c=value`` (value parsed as YAML) into the nested dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file; pass a YAML file such as configs/train/llama_tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"config: {one_line(err)}") from None
+    config.train.deepspeed = resolve_relative(config.train.deepspeed, path.parent)
+    return config
+
+
+def resolve_relative(value: str, config_dir: Path) -> str:
+    """A path as given from the working directory, else relative to the config file's folder."""
+    candidate = Path(os.path.expanduser(value))
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    beside = config_dir / candidate
+    return str(beside) if beside.exists() else str(candidate)

@@ -1,0 +1,59 @@
+"""Process-group set-up: torchrun's environment when present, else a one-rank group (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    num_nodes: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    if "RANK" not in os.environ:  # a plain `megatron-adamc train`: one rank
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    # Nodes as torchrun numbers them (GROUP_RANK = node rank), counted over all ranks.
+    node = int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", 0)))
+    nodes: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, len(set(nodes)), device, backend)
+
+
+def all_mean(values: list[float], env: DistEnv) -> list[float]:
+    """Mean over ranks of a few scalars, in one all-reduce."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device if env.backend == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return (tensor / env.world_size).tolist()

@@ -1,0 +1,78 @@
+"""Where a run's numbers go: ``metrics.jsonl`` (one object per logged step), TensorBoard, W&B when enabled, and a
+progress bar with loss, tokens/s and the ETA. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from megatron_adamc.tracking.sinks import append_jsonl, write_tensorboard
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records after ``last_step`` (a resumed run redoes them), via a temp file so nothing is half-written."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config: Any, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        truncate_jsonl(self.path, start_step)
+        logging = config.logging
+        if logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+        if logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=logging.wandb_project, dir=str(run_dir), config=config.model_dump(), resume="allow"
+            )
+        if logging.progress:
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0,
+            )  # fmt: skip
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            write_tensorboard(self.writer, record, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.n = step
+            self.bar.refresh()
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
