@@ -43,6 +43,7 @@ def test_adamc_flag_through_extra_args_provider() -> None:
     parser = add_adamc_args(megatron_style_parser())
     assert parser.parse_args([]).adamc is False
     assert parser.parse_args(["--lr", "3e-4", "--adamc"]).adamc is True
+    assert parser.parse_args(["--adamc", "--no-adamc"]).adamc is False  # a config file's --adamc, overridden
     with pytest.raises(SystemExit):  # allow_abbrev=False, as Megatron: no silent prefix matching
         parser.parse_args(["--adam"])
     # A release that passes our provider to two entry points must not break on a duplicate flag.

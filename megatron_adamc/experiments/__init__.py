@@ -12,6 +12,8 @@ from types import ModuleType
 
 EXPERIMENTS: dict[str, str] = {
     "steady-state": "megatron_adamc.experiments.steady_state",
+    "adamc-vs-adamw": "megatron_adamc.experiments.adamc_vs_adamw",
+    "stability": "megatron_adamc.experiments.stability",
 }
 
 

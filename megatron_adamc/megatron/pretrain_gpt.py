@@ -47,9 +47,10 @@ def add_adamc_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     try:
         group.add_argument(
             ADAMC_FLAG,
-            action="store_true",
-            help="Schedule-corrected weight decay: each param group decays by "
-            "weight_decay * lr_t / max_lr (Defazio 2025, arXiv 2506.02285).",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="Schedule-corrected weight decay: each param group decays by weight_decay * lr_t / max_lr "
+            "(Defazio 2025, arXiv 2506.02285). --no-adamc after a config file that sets it gives plain AdamW.",
         )
     except argparse.ArgumentError:
         pass  # a release whose two entry points both pass our provider: the flag is there already
@@ -127,7 +128,7 @@ def adamc_scheduler_builder(training: ModuleType) -> Callable[[Any], Any]:
     if not hasattr(training, "OptimizerParamScheduler"):
         raise PluginError(
             f"{training.__file__} does not build OptimizerParamScheduler by that name; "
-            "use a Megatron-LM release from core_v0.13.0 to core_v0.19.0"
+            "use a Megatron-LM release checked with this plugin (core_v0.16.1 to main of 2026-08)"
         )
     adamc_cls, plain_cls = scheduler_classes()
     from megatron.training.global_vars import get_args

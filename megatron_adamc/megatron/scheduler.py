@@ -28,7 +28,7 @@ ADAMC_STATE_KEY = "adamc"
 
 def group_peak_lr(scheduler: OptimizerParamScheduler, group: dict) -> float:
     """The peak the group's own schedule reaches: decoupled-lr (embedding/output) groups carry their own."""
-    return float(scheduler.max_lr)
+    return float(group.get("max_lr", scheduler.max_lr))
 
 
 class AdamCParamScheduler(OptimizerParamScheduler):

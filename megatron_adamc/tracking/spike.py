@@ -1,8 +1,9 @@
 """Spike alarm: z-scores of the loss and the global grad norm against the previous ``window`` steps.
 
 A spike is an event, not a metric: it records which layers' norms moved most since the previous tracked step,
-which is where one looks first. When the spike falls on an untracked step the tracker tracks the next step and
-the event is completed from it.
+which is where one looks first. A grad-norm spike on an untracked step makes the tracker track the next step
+and the event is completed from it; a loss spike (the loss may differ between ranks) waits for the next
+scheduled tracked step.
 """
 
 from __future__ import annotations

@@ -94,8 +94,9 @@ class Tracker:
     def end_step(self, step: int, loss: float | None = None, grad_norm: float | None = None) -> dict[str, float]:
         """After ``engine.step()``: the flat metrics dict (per-layer keys only on tracked steps).
 
-        ``loss`` and ``grad_norm`` (the global norm, e.g. ``engine.get_global_grad_norm()``) feed the spike alarm;
-        its z-scores are in the dict at every step once the window has filled, spike events in ``pop_events()``.
+        ``loss`` and ``grad_norm`` (the global norm, ``engine.get_global_grad_norm()``: it must be the same on every
+        rank) feed the spike alarm; its z-scores are in the dict at every step once the window has filled, spike
+        events in ``pop_events()``.
         """
         metrics: dict[str, float] = {}
         if self.config.enabled:
@@ -110,8 +111,11 @@ class Tracker:
             metrics.update(self._collect())
         if spikes:
             self.spikes.pending.extend(spikes)
-            if not tracked:
-                self._force_next = True  # complete the event from the next step's per-layer norms
+            if not tracked and any(spike["kind"] == "grad_norm" for spike in spikes):
+                # Track the next step to name the layers. Only on a grad-norm spike: the engine's global norm is
+                # the same on every rank, so every rank decides alike (a per-rank loss could split the ranks
+                # and hang the collective). A loss spike is completed at the next scheduled tracked step.
+                self._force_next = True
         if tracked and self.spikes.pending:
             moved = self.spikes.moved_layers(metrics)
             for event in self.spikes.pending:

@@ -1,0 +1,132 @@
+"""The trainer end to end on this CPU: exact resume on ZeRO 1, 2, 3 with 2 gloo ranks, the run directory's files,
+and every bad input failing with one line while an existing run directory stays untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port
+
+from megatron_adamc.train.schedule import lr_multiplier
+
+CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
+SMALL = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
+    "train.seq_len=64", "train.micro_batch_size=2", "train.steps=12", "scheduler.warmup_steps=2",
+    "train.eval_interval=6", "train.eval_batches=2", "train.checkpoint_interval=100", "tracking.interval=4",
+    "logging.tensorboard=false", "logging.progress=false", "data.vocab_size=512", "data.max_bytes=400000",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("corpus"))
+
+
+def train_cmd(out: Path, data_cache: str, *sets: str, nproc: int = 1) -> list[str]:
+    head = [sys.executable]
+    if nproc > 1:
+        head += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{free_port()}"]  # fmt: skip
+    head += ["-m", "megatron_adamc.cli", "train", "--config", str(CONFIG), "--output-dir", str(out)]
+    for item in [*SMALL, f"data.cache_dir={data_cache}", *sets]:
+        head += ["--set", item]
+    return head
+
+
+def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_is_bitwise_exact(tmp_path, data_cache, stage):
+    ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(train_cmd(full, data_cache, ds, nproc=2))
+    first = run(train_cmd(split, data_cache, ds, "train.stop_at_step=6", nproc=2))
+    assert "stopping at train.stop_at_step=6" in first.stdout + first.stderr
+    assert [s for s, _ in losses(split)] == list(range(1, 7))
+    second = run(train_cmd(split, data_cache, ds, nproc=2))
+    assert "resumed from" in second.stdout + second.stderr
+    assert losses(split) == losses(full)  # bitwise: same floats, same steps
+    assert json.loads((split / "run.json").read_text())["resumed_from_step"] == 6
+
+
+def test_run_directory_contents(tmp_path, data_cache):
+    out = tmp_path / "run"
+    proc = run(train_cmd(out, data_cache, "logging.tensorboard=true"))
+    assert "final train loss" in proc.stdout and "validation loss" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("step", "tokens", "loss", "lr", "weight_decay", "grad_norm", "tokens_per_s"):
+        assert key in records[-1], key
+    assert records[-1]["tokens"] == 12 * 2 * 64
+    assert records[5]["val_loss"] > 0 and records[-1]["loss"] < records[0]["loss"]
+    # AdamC: the applied decay follows lr / lr_max with lr_max = optimizer.lr (3e-3), lambda = 0.1
+    for r in records:
+        assert r["weight_decay"] == pytest.approx(0.1 * r["lr"] / 3e-3, rel=1e-9)
+    assert any(k.startswith("grad_weight_ratio/layers.0.attn.qkv") for k in records[3])
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 1 and info["num_nodes"] == 1 and info["zero_stage"] == 1
+    assert info["versions"]["deepspeed"] and info["config"]["optimizer"]["type"] == "AdamC"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
+    assert list((out / "tb").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.stepz=3"], "config: train.stepz: unknown key"),
+        (["optimizer.type=Adam"], "optimizer.type: Input should be 'AdamC' or 'AdamW'"),
+        (["data.default_corpus=false", "data.train=/nonexistent/prefix", "data.tokenizer=/nonexistent.model"],
+         "data.train"),
+        (["train.seq_len=4096"], "train.seq_len=4096 is above the model's max_seq_len=256"),
+        (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's 512 tokens"),
+        (["train.deepspeed=configs/deepspeed/missing.json"], "train.deepspeed=configs/deepspeed/missing.json: no such"),
+    ],
+)  # fmt: skip
+def test_bad_input_one_line_and_run_dir_untouched(tmp_path, data_cache, sets, message):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run(train_cmd(out, data_cache, *sets), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "megatron-adamc train: error:" in line]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_deepspeed_json_contradiction(tmp_path, data_cache):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1}}))
+    proc = run(train_cmd(tmp_path / "run", data_cache, f"train.deepspeed={bad}"), check=False)
+    assert proc.returncode == 2
+    assert "train_micro_batch_size_per_gpu=16 contradicts train.micro_batch_size=2" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd", "constant"])
+def test_schedules_peak_at_one_and_end_at_min(kind):
+    f = lr_multiplier(kind, steps=100, warmup=10, min_ratio=0.1, decay_fraction=0.2)
+    values = [f(s) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)  # linear warmup from 1/10
+    assert max(values) == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(1.0 if kind == "constant" else 0.1)
+    if kind == "wsd":
+        assert values[79] == 1.0 and values[80] < 1.0  # stable, then the last 20% decays
