@@ -80,13 +80,14 @@ def worker(args: argparse.Namespace) -> None:
     engine, _, _, _ = mad.initialize(model=model, model_parameters=groups, config=ds_config)
     plain = Tracker(engine, TrackingConfig(enabled=False, activations=True))
     low_precision = Tracker(engine, TrackingConfig(enabled=False, activations=True, low_precision=True))
+    norms_only = Tracker(engine, TrackingConfig(enabled=False, activations=False))
     gen = torch.Generator().manual_seed(rank)
 
     extra: dict[str, list[float]] = {"safe_get_full": [], "end_step": []}
 
     def step(global_step: int, mode: str) -> None:
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
-        for tracker in (plain, low_precision):
+        for tracker in (plain, low_precision, norms_only):
             tracker.begin_step(global_step)
         loss, _ = lm_loss(engine(tokens[:, :-1]), tokens[:, 1:])
         engine.backward(loss)
@@ -104,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
             safe_get_full_norms(engine, before)
             extra["safe_get_full"].append(gather + time.process_time() - clock)
         clock = time.process_time()
-        for tracker in (plain, low_precision):
+        for tracker in (plain, low_precision, norms_only):
             tracker.end_step(global_step, loss=float(loss.detach()), grad_norm=engine.get_global_grad_norm())
         if mode == "tracking every step":
             extra["end_step"].append(time.process_time() - clock)
@@ -113,6 +114,7 @@ def worker(args: argparse.Namespace) -> None:
         "off": (plain, False, 1),
         "tracking every step": (plain, True, 1),
         "tracking every 10 steps": (plain, True, 10),
+        "norms only (no activation hooks) every step": (norms_only, True, 1),
         "tracking+low precision every step": (low_precision, True, 1),
         "safe_get_full every step": (plain, False, 1),
     }
@@ -124,7 +126,7 @@ def worker(args: argparse.Namespace) -> None:
         global_step += 1
     for round_index in range(args.rounds + 1):
         for mode, (tracker, enabled, interval) in modes.items():
-            for t in (plain, low_precision):
+            for t in (plain, low_precision, norms_only):
                 t.config.enabled = False
             tracker.config.enabled = enabled
             tracker.config.interval = interval

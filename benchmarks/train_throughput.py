@@ -10,11 +10,12 @@ clipping, with ``torch.optim.AdamW`` and no DeepSpeed; under a bf16 DeepSpeed JS
 Blocks alternate (trainer, bare, bare, trainer, ...) so that drift in machine load hits both alike; the first
 ``--warmup`` steps of every block are dropped. tokens/s = measured tokens / measured seconds over all blocks.
 
-Usage: python benchmarks/train_throughput.py [--config configs/train/llama_tiny.yaml] [--steps 30] [--warmup 5]
-           [--blocks 4] [--set key=value ...]
+Usage: python benchmarks/train_throughput.py [--config configs/train/llama_tiny.yaml] [--steps 20] [--warmup 3]
+           [--blocks 2] [--threads 1] [--set key=value ...]
 On one GPU, the 1B preset in bf16:
-       python benchmarks/train_throughput.py --set model.preset=1B --set train.deepspeed=configs/deepspeed/zero1_bf16.json
-           --set train.micro_batch_size=8 --set train.seq_len=2048
+       python benchmarks/train_throughput.py --set model.preset=1B \
+           --set train.deepspeed=configs/deepspeed/zero1_bf16.json --set train.micro_batch_size=4 \
+           --set train.seq_len=2048
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -127,9 +129,7 @@ class BareLoop:
             sched.type, schedule_steps, sched.warmup_steps, sched.min_lr / opt.lr, sched.decay_fraction
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-        autocast = (
-            torch.autocast(env.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
-        )
+        autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         model.train()
         consumed, times, losses = 0, [], []
         for _ in range(total):
@@ -164,15 +164,21 @@ def _release(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs/train/llama_tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=30, help="measured steps per block (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every block (default 5)")
-    parser.add_argument("--blocks", type=int, default=4, help="blocks per loop, alternating (default 4)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per block (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of every block (default 3)")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks per loop; order T B, B T, ... (default 2)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads for both loops (default 1: steady on a shared machine; 0: torch's default)",
+    )  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="where the trainer's run dirs go (default: a tmp dir)")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.blocks < 1:
         parser.error("--steps, --warmup and --blocks must be >= 1 (the wall timing needs a step before the first)")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, zero_stage
     from megatron_adamc.train.trainer import _mfu
 
@@ -230,6 +236,8 @@ def main() -> None:
         print(line)
     ratio = rate["trainer"] / rate["bare"]
     print(f"\ntarget ratio >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'} ({ratio:.3f})")
+    if args.out is None:
+        shutil.rmtree(out, ignore_errors=True)  # the trainer's run dirs (metrics, checkpoints)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,21 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
+# A small corpus and model for end-to-end trainer tests (trainer, Slurm): one cache, built once, shared by all of them.
+SMALL_CORPUS_DIR = Path(tempfile.gettempdir()) / "megatron-adamc-test-corpus"
+SMALL_TRAIN_SETS = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
+    "train.seq_len=64", "train.micro_batch_size=2", "scheduler.warmup_steps=2", "train.eval_batches=2",
+    "train.checkpoint_interval=100", "tracking.interval=4", "logging.tensorboard=false", "logging.progress=false",
+    "data.vocab_size=512", "data.max_bytes=400000", f"data.cache_dir={SMALL_CORPUS_DIR}",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -20,12 +29,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the process-group variables ``single_rank_dist`` set for itself, so a
+    child starts its own group (a leaked MASTER_PORT is a port this process already listens on)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return {**env, **extra}
+
+
 def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 600, log: Path | None = None) -> str:
     """Runs ``script`` on ``nproc`` local gloo ranks; returns the combined output, fails the test on a non-zero exit."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}"]
     cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script), *args]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
     output = proc.stdout + proc.stderr
     if log is not None:
         log.write_text(output)
@@ -36,7 +56,8 @@ def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 600, 
 
 @pytest.fixture(scope="session")
 def single_rank_dist():
-    """A one-rank gloo process group in the pytest process, for engines built in-process."""
+    """A one-rank gloo process group in the pytest process, for engines built in-process. DeepSpeed's engine reads
+    the env vars it sets for as long as the session lasts; children get ``subprocess_env()`` without them."""
     import torch.distributed as dist
 
     if not dist.is_initialized():

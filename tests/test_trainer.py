@@ -4,28 +4,22 @@ and every bad input failing with one line while an existing run directory stays 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, SMALL_CORPUS_DIR, SMALL_TRAIN_SETS, free_port, subprocess_env
 
 from megatron_adamc.train.schedule import lr_multiplier
 
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
-SMALL = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
-    "train.seq_len=64", "train.micro_batch_size=2", "train.steps=12", "scheduler.warmup_steps=2",
-    "train.eval_interval=6", "train.eval_batches=2", "train.checkpoint_interval=100", "tracking.interval=4",
-    "logging.tensorboard=false", "logging.progress=false", "data.vocab_size=512", "data.max_bytes=400000",
-]  # fmt: skip
+SMALL = [*SMALL_TRAIN_SETS, "train.steps=12", "train.eval_interval=6"]
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("corpus"))
+def data_cache() -> str:
+    return str(SMALL_CORPUS_DIR)
 
 
 def train_cmd(out: Path, data_cache: str, *sets: str, nproc: int = 1) -> list[str]:
@@ -40,8 +34,7 @@ def train_cmd(out: Path, data_cache: str, *sets: str, nproc: int = 1) -> list[st
 
 
 def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=900)
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

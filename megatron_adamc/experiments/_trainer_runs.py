@@ -132,6 +132,7 @@ class RunQueue:
         self.trained_s = 0.0
         self.print_every_s = print_every_s
         self.count = 0
+        self._seen: tuple[str, int, float] | None = None
 
     def run(self, name: str, overrides: list[str], steps: int, total_runs: int) -> list[dict[str, Any]]:
         """Train (or reuse) run ``name`` with the common overrides plus ``overrides``; return its metrics records."""
@@ -178,7 +179,9 @@ class RunQueue:
         left = self.total_steps - self.done_steps
         eta = left * self.trained_s / self.trained_steps
         loss = records[-1].get("loss", math.nan)
-        print(f"{tag}: done in {_fmt_time(elapsed)}, final loss {loss:.4f}; experiment ETA {_fmt_time(eta)}", flush=True)
+        print(
+            f"{tag}: done in {_fmt_time(elapsed)}, final loss {loss:.4f}; experiment ETA {_fmt_time(eta)}", flush=True
+        )
         return records
 
     def _progress(self, tag: str, run_dir: Path, steps: int, elapsed: float) -> None:
@@ -186,8 +189,11 @@ class RunQueue:
         if last is None:
             print(f"{tag}: starting ({_fmt_time(elapsed)})", flush=True)
             return
-        step = int(last.get("step", 0))
-        per_step = elapsed / max(step, 1)
+        step, now = int(last.get("step", 0)), time.monotonic()
+        if self._seen is None or self._seen[0] != tag:
+            self._seen = (tag, step, now)  # rate from here on: start-up (data, DeepSpeed) excluded
+        _, step0, t0 = self._seen
+        per_step = (now - t0) / (step - step0) if step > step0 else elapsed / max(step, 1)
         run_eta = (steps - step) * per_step
         if self.trained_steps:
             per_step = self.trained_s / self.trained_steps  # includes start-up, so the experiment ETA is honest
