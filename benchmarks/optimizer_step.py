@@ -71,12 +71,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--cuda", action="store_true", help="the CUDA FusedAdam row (on a GPU)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
     print("| kernel | params | AdamW step (ms) | AdamC step (ms) | AdamC/AdamW |\n|---|---|---|---|---|")
     for name, make in kernels(args.cuda).items():
         for size in args.sizes:
-            repeats = max(5, int(args.repeats * (1e7 / size) ** 0.5)) if size < 1e7 else args.repeats
+            repeats = int(args.repeats * (1e7 / size) ** 0.5) if size < 1e7 else args.repeats
             t_w, t_c = bench(make, int(size), repeats, device)
             print(f"| {name} | {size / 1e6:g}M | {t_w * 1e3:.3f} | {t_c * 1e3:.3f} | {t_c / t_w:.3f} |", flush=True)
 
