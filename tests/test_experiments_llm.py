@@ -19,7 +19,7 @@ from megatron_adamc.experiments import adamc_vs_adamw, stability
 DATA = ["vocab_size=512", "max_bytes=400000", f"data_cache_dir={SMALL_CORPUS_DIR}", "seq_len=32", "micro_batch_size=4"]
 AVW = DATA + ["steps=40", "warmup_steps=2", "seeds=1", "sweep_weight_decays=[]", "tracking_interval=4"]
 AVW += ["eval_points=2", "eval_batches=2", "weight_decay=2.0", "lr=0.01"]
-STAB = DATA + ["steps=24", "warmup_steps=2", "variants=[baseline,qk_norm]", "lrs=[0.003,30.0]", "common_lr=0.003"]
+STAB = DATA + ["steps=60", "warmup_steps=2", "variants=[baseline,qk_norm]", "lrs=[0.01,30.0]", "common_lr=0.01"]
 STAB += ["tracking_interval=4"]
 
 
@@ -77,16 +77,17 @@ def test_stability_flags_the_huge_lr(stab):
     out, results = stab
     assert (out / "stability.png").stat().st_size > 10_000
     runs = {r["name"]: r for r in results["runs"]}
-    assert set(runs) == {"baseline-lr0.003", "baseline-lr30", "qk_norm-lr0.003", "qk_norm-lr30"}
+    assert set(runs) == {"baseline-lr0.01", "baseline-lr30", "qk_norm-lr0.01", "qk_norm-lr30"}
     for variant in ("baseline", "qk_norm"):
-        assert not runs[f"{variant}-lr0.003"]["diverged"], runs[f"{variant}-lr0.003"]["reason"]
+        assert not runs[f"{variant}-lr0.01"]["diverged"], runs[f"{variant}-lr0.01"]["reason"]
         assert runs[f"{variant}-lr30"]["diverged"]
-        assert results["max_stable_lr"][variant] == 0.003
+        assert results["max_stable_lr"][variant] == 0.01
         assert results["first_diverged_lr"][variant] == 30.0
-        assert results["loss_at_common_lr"][variant] == runs[f"{variant}-lr0.003"]["final_val_loss"]
-        growth = runs[f"{variant}-lr0.003"]["activations"]
+        assert results["loss_at_common_lr"][variant] == runs[f"{variant}-lr0.01"]["final_val_loss"]
+        growth = runs[f"{variant}-lr0.01"]["activations"]
         assert set(growth) >= {"attn.qkv", "attn.proj", "mlp.fc2"}
         assert growth["mlp.fc2"]["growth"] == pytest.approx(growth["mlp.fc2"]["last"] / growth["mlp.fc2"]["first"])
+        assert results["lr_sensitivity"][variant] > 0.1  # the diverged lr counts at the initial loss
     assert results["lr_ratio_over_qk_norm"] == {}  # neither capping nor QKV-norm was run
     assert 0 < results["divergence_loss"] < math.log(512)  # the unigram entropy is below the uniform one
 

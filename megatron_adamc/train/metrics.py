@@ -62,8 +62,7 @@ class MetricsLogger:
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            self.bar.n = step
-            self.bar.refresh()
+            self.bar.update(step - self.bar.n)  # redraws at most every mininterval (10 s in a log file)
 
     def write(self, message: str) -> None:
         if self.enabled:
