@@ -54,23 +54,25 @@ def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 600, 
     return output
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def single_rank_dist():
     """A one-rank gloo process group in the pytest process, for engines built in-process. DeepSpeed's engine reads
-    the env vars it sets for as long as the session lasts; children get ``subprocess_env()`` without them."""
+    the env vars for as long as the module's tests run; afterwards they are restored and the group destroyed, so no
+    later test's child process inherits a MASTER_PORT this process listens on."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        os.environ.update(
-            {
-                "RANK": "0",
-                "LOCAL_RANK": "0",
-                "WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port()),
-            }
-        )
-        import deepspeed
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    )
+    import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo")
     yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
