@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from megatron_adamc.experiments._figure import save_figure
 from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, mean_std, series, smooth, window_mean
 
 HEADLINE_KEYS = ("summary",)
@@ -178,14 +179,12 @@ def plot(cfg: Config, curves: dict[str, list[dict[str, Any]]], runs: list[dict[s
     )
     ax_r.grid(alpha=0.3)
     ax_r.legend(fontsize=8)
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"AdamW vs AdamC, model={cfg.model}, lr={cfg.lr:g} cosine to 0, {cfg.steps} steps, {cfg.seeds} seeds "
         f"(shaded: 40-60% and the last {cfg.tail_fraction:.0%})",
-        fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(cfg: Config, output_dir: Path) -> dict:

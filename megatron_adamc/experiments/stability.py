@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from megatron_adamc.cli import UserError
+from megatron_adamc.experiments._figure import save_figure
 from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, series, window_mean
 
 HEADLINE_KEYS = ("max_stable_lr", "loss_at_common_lr", "lr_ratio_over_qk_norm", "lr_sensitivity")
@@ -243,10 +244,7 @@ def plot(cfg: Config, curves: dict[str, list[dict]], runs: list[dict], summary: 
         ax.set(yscale="log", xlabel="step", title=f"max over layers of RMS({kind} output): lr {top:g} -, {common:g} --")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Stability methods, model={cfg.model}, AdamW wd={cfg.weight_decay:g}, seed {cfg.seed}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Stability methods, model={cfg.model}, AdamW wd={cfg.weight_decay:g}, seed {cfg.seed}")
 
 
 def run(cfg: Config, output_dir: Path) -> dict:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from megatron_adamc.core.decay import corrected_weight_decay
 from megatron_adamc.core.theory import equilibrium_steps, sgd_grad_weight_ratio
+from megatron_adamc.experiments._figure import save_figure
 
 HEADLINE_KEYS = ("measured_over_predicted", "grad_norm_rise")  # what the CLI prints after a run
 
@@ -222,14 +223,12 @@ def plot(cfg: Config, runs: dict[str, dict[str, torch.Tensor]], path: Path) -> N
         ax.set_ylim(top=5 * sgd_grad_weight_ratio(cfg.weight_decay, cfg.lr))
     axes[0, 0].legend(fontsize=7)
     axes[1, 0].legend(fontsize=8)
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"SGD vs SGDC, lambda={cfg.weight_decay} gamma_max={cfg.lr} ({cfg.decay_shape} decay shaded; "
         f"moving average over {width} steps)",
-        fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(cfg: Config, output_dir: Path) -> dict:
