@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from megatron_adamc.model import PRESETS, PUBLISHED_PARAMS, Llama, LlamaConfig, apply_rope, lm_loss, rope_tables
+from megatron_adamc.model import llama as llama_module
 
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, max_seq_len=32)
 
@@ -164,15 +165,31 @@ def test_config_errors_name_the_field():
 
 
 def test_sdpa_path_equals_explicit_logit_path():
+    """A cap far above the logits makes the explicit (capping) path an identity on them: it must equal SDPA."""
     cfg = small()
-    model = Llama(cfg, seed=2)
+    model, explicit_model = Llama(cfg, seed=2), Llama(small(softmax_cap=1e4), seed=2)
+    toks = tokens(cfg)
+    model.track_max_logits(True)
+    explicit_model.track_max_logits(True)
+    with torch.no_grad():
+        sdpa, explicit = model(toks), explicit_model(toks)
+    assert torch.allclose(sdpa, explicit, atol=1e-5, rtol=0)
+    for side, inline in zip(model.max_logits(), explicit_model.max_logits(), strict=True):
+        assert torch.allclose(side, inline, rtol=1e-5)  # SDPA's side computation == the explicit path's logits
+
+
+def test_max_logit_chunks_agree_with_one_block(monkeypatch):
+    """The side computation, chunked over query rows, finds the same maximum as one unchunked block."""
+    cfg = small(init_std=0.2)
+    model = Llama(cfg, seed=7)
+    model.track_max_logits(True)
     toks = tokens(cfg)
     with torch.no_grad():
-        sdpa = model(toks)
-        model.track_max_logits(True)
-        explicit = model(toks)
-    assert all(m is not None for m in model.max_logits())
-    assert torch.allclose(sdpa, explicit, atol=1e-5, rtol=0)
+        model(toks)
+        whole = [m.clone() for m in model.max_logits()]
+        monkeypatch.setattr(llama_module, "_MAX_LOGIT_CHUNK", 3 * toks.size(0) * cfg.n_heads * toks.size(1))
+        model(toks)
+    assert torch.equal(torch.stack(whole), torch.stack(model.max_logits()))
 
 
 @pytest.mark.parametrize("track", [False, True])
@@ -225,6 +242,24 @@ def test_softmax_capping_bounds_the_logits():
     assert all(m <= cap for m in capped_model.max_logits())
 
 
+def test_max_logit_over_the_first_sequences():
+    """``sequences=1`` reads only the first sequence: the same value as a forward on that sequence alone."""
+    cfg = small(init_std=0.2)
+    model = Llama(cfg, seed=8)
+    toks = tokens(cfg, B=4)
+    with torch.no_grad():
+        model.track_max_logits(True)
+        model(toks[:1])
+        first = torch.stack(model.max_logits())
+        model(toks)
+        every = torch.stack(model.max_logits())
+        model.track_max_logits(True, sequences=1)
+        model(toks)
+        sampled = torch.stack(model.max_logits())
+    assert torch.allclose(sampled, first, rtol=1e-6)
+    assert (every > sampled).any()  # the other sequences hold larger logits somewhere: the sample is smaller
+
+
 def test_max_logit_value_against_hand_computation():
     cfg = small(n_layers=1, qk_norm=True)
     model = Llama(cfg, seed=6)
@@ -241,7 +276,9 @@ def test_max_logit_value_against_hand_computation():
     k = apply_rope(rms(k.unflatten(-1, (2, 16))), cos, sin).repeat_interleave(2, 2)
     logits = torch.einsum("bthd,bshd->bhts", q, k) / 4.0
     assert logits.shape[-1] == T
-    assert torch.allclose(model.max_logits()[0], logits.max(), atol=1e-5)
+    visible = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    assert visible.max() < logits.max()  # the hidden (future) positions hold a larger logit: the mask matters
+    assert torch.allclose(model.max_logits()[0], visible.max(), atol=1e-5)
 
 
 # ---- norms -----------------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def overrides(cfg: Config, variant: str, lr: float) -> list[str]:
         "tracking.enabled=true",
         f"tracking.interval={cfg.tracking_interval}",
         "tracking.activations=true",
+        "tracking.max_logit_sequences=0",  # the whole batch: the runs are small, the figure is the exact max
     ]
 
 

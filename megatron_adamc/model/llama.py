@@ -9,6 +9,7 @@ Module names are part of the interface: the norm tracker hooks ``tok_embeddings`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,6 +20,7 @@ from megatron_adamc.model.config import LlamaConfig
 from megatron_adamc.model.loss import lm_loss
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa arrived in torch 2.5
+_MAX_LOGIT_CHUNK = 1 << 24  # logits that the max-logit side computation holds at once (64 MiB in fp32)
 
 
 class RMSNorm(nn.Module):
@@ -50,13 +52,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention. SDPA unless an option needs the logits (capping or ``track_max_logit``)."""
+    """Causal grouped-query attention: SDPA, or the explicit path when softmax capping needs the logits.
+
+    With ``track_max_logit`` on, ``last_max_logit`` is the largest visible logit of the last forward; SDPA keeps
+    running and the logits are recomputed aside without autograd, so tracking leaves the step's maths alone.
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.softmax_cap = cfg.softmax_cap
         self.track_max_logit = False
+        self.max_logit_sequences = 0  # the max logit over the first N sequences of the batch; 0: all of them
         self.last_max_logit: torch.Tensor | None = None
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=False)
@@ -80,18 +87,24 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
-        if self.softmax_cap is not None or self.track_max_logit:
+        if self.softmax_cap is not None:
             out = self._explicit(q, k, v)
-        elif self.n_kv_heads == self.n_heads:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif _SDPA_GQA:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if self.track_max_logit:
+                n = self.max_logit_sequences or B
+                self.last_max_logit = causal_max_logit(q[:n], k[:n])
+            out = self._sdpa(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, T, -1))
         return self.proj_norm(out) if self.proj_norm is not None else out
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.n_kv_heads == self.n_heads:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(cap(q k^T / sqrt(hd)) + causal mask) v, with kv heads broadcast over their query group."""
@@ -99,13 +112,47 @@ class Attention(nn.Module):
         G = H // self.n_kv_heads
         q = q.reshape(B, self.n_kv_heads, G, T, hd)  # query head h uses kv head h // G, as in repeat_interleave
         logits = (q.float() @ k.float().unsqueeze(2).transpose(-2, -1)) / math.sqrt(hd)
-        if self.softmax_cap is not None:
-            logits = self.softmax_cap * torch.tanh(logits / self.softmax_cap)
-        if self.track_max_logit:
-            self.last_max_logit = logits.detach().amax()  # all T x T entries, before the causal mask
+        logits = self.softmax_cap * torch.tanh(logits / self.softmax_cap)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-        probs = logits.masked_fill(mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+        logits = logits.masked_fill(mask, float("-inf"))
+        if self.track_max_logit:
+            self.last_max_logit = logits.detach().amax()  # the visible (causal) entries, after capping
+        probs = logits.softmax(dim=-1).to(v.dtype)
         return (probs @ v.unsqueeze(2)).reshape(B, H, T, hd)
+
+
+@torch.no_grad()
+def causal_max_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The largest visible logit q.k/sqrt(hd) over batch, heads and causal positions, in fp32.
+
+    q ``[B, H, T, hd]``, k ``[B, KV, T, hd]`` (query head h reads kv head h // (H // KV)). Chunked over query rows
+    so that no more than ``_MAX_LOGIT_CHUNK`` logits exist at once; each chunk meets only the keys up to its last
+    row, and one ``baddbmm`` adds the causal mask (0 / -inf) as it multiplies.
+    """
+    B, H, T, hd = q.shape
+    kv_heads = k.size(1)
+    group = H // kv_heads
+    q = q.reshape(B, kv_heads, group, T, hd)  # the query heads of one kv head, side by side
+    rows = max(1, _MAX_LOGIT_CHUNK // (B * H * T))
+    best = torch.full((), float("-inf"), device=q.device)
+    for start in range(0, T, rows):
+        stop = min(T, start + rows)
+        queries = q[..., start:stop, :].float().reshape(B * kv_heads, group * (stop - start), hd)
+        keys = k[:, :, :stop].float().reshape(B * kv_heads, stop, hd)
+        bias = (_cached_causal_bias if group * (stop - start) * stop <= 1 << 22 else _causal_bias)(
+            start, stop, group, q.device
+        )
+        best = torch.maximum(best, torch.baddbmm(bias, queries, keys.mT).amax())
+    return best / math.sqrt(hd)
+
+
+def _causal_bias(start: int, stop: int, group: int, device: torch.device) -> torch.Tensor:
+    """0 where query row ``start + i`` sees key ``j``, -inf where it does not, stacked ``group`` times."""
+    hidden = torch.arange(stop, device=device) > torch.arange(start, stop, device=device)[:, None]
+    return torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+
+
+_cached_causal_bias = functools.lru_cache(maxsize=8)(_causal_bias)  # the usual case: one small chunk per shape
 
 
 class MLP(nn.Module):
@@ -211,10 +258,12 @@ class Llama(nn.Module):
         """Cross-entropy plus the config's z-loss: ``(loss, {"ce": ..., "z_loss": ...})``."""
         return lm_loss(logits, targets, z_loss=self.config.z_loss)
 
-    def track_max_logits(self, enabled: bool = True) -> None:
-        """Switch ``track_max_logit`` on every attention (explicit logits, slower) or back to SDPA."""
+    def track_max_logits(self, enabled: bool = True, sequences: int = 0) -> None:
+        """Switch ``track_max_logit`` on every attention: one extra q k^T without autograd per forward, over the
+        first ``sequences`` sequences of each batch (0: all; the capping path always reads all of them)."""
         for layer in self.layers:
             layer.attn.track_max_logit = enabled
+            layer.attn.max_logit_sequences = sequences
             layer.attn.last_max_logit = None
 
     def max_logits(self) -> list[torch.Tensor | None]:

@@ -1,10 +1,11 @@
 """Forward hooks on the quantities that grow before a divergence (Rybakov et al., arXiv 2410.16682).
 
 RMS of the outputs of ``layers.{i}.attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, and the largest attention
-logit of ``layers.{i}.attn`` (its ``last_max_logit``, set when ``track_max_logit`` is on). Hooks stay registered
-but return at once unless armed; on an armed step they add device-side sums (no host sync) that the tracker
-reduces with everything else. With FP8 simulation on, the INPUT of each tracked linear (what an FP8 GEMM would
-cast) goes through the E4M3 delayed-scaling cast too.
+logit of ``layers.{i}.attn`` (its ``last_max_logit``, set when ``track_max_logit`` is on: the model recomputes
+q k^T aside, without autograd, and keeps SDPA for the step). Hooks stay registered but return at once unless armed;
+on an armed step each keeps one device-side norm (no host sync) that the tracker reduces with everything else.
+With FP8 simulation on, the INPUT of each tracked linear (what an FP8 GEMM would cast) goes through the E4M3
+delayed-scaling cast too.
 """
 
 from __future__ import annotations
@@ -26,13 +27,21 @@ SUMSQ, COUNT = range(2)
 class ActivationStats:
     """Sums of squares and element counts per tracked module; maxima of logits and FP8 input amax."""
 
-    def __init__(self, model: nn.Module, device: torch.device, low_precision: bool, amax_history: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        low_precision: bool,
+        amax_history: int,
+        max_logit_sequences: int = 0,
+    ) -> None:
         self.device = device
+        self.max_logit_sequences = max_logit_sequences
         self.low_precision = low_precision
         self.modules: list[str] = []
         self.layers: list[str] = []
         self._attention: list[nn.Module] = []
-        self._restore: list[bool] = []
+        self._restore: list[tuple[bool, int]] = []
         self._handles = []
         for name, module in model.named_modules():
             if LINEAR.search(name):
@@ -44,7 +53,9 @@ class ActivationStats:
                 self.layers.append(match.group(1))
                 self._attention.append(module)
         self.histories = [AmaxHistory("e4m3", amax_history) for _ in self.modules]
-        self.sums = torch.zeros(len(self.modules), 2, dtype=torch.float64, device=device)
+        self._norms: list[torch.Tensor] = []
+        self._norm_rows: list[int] = []
+        self._counts = [0] * len(self.modules)
         self.fp8_sums = torch.zeros(len(self.modules), fp8.NUM_SUMS, dtype=torch.float64, device=device)
         # Columns of maxima: the input amax of each linear, then the max logit of each attention layer.
         self.maxima = torch.full((len(self.modules) + len(self.layers),), -torch.inf, device=device)
@@ -57,21 +68,25 @@ class ActivationStats:
         self._handles = []
 
     def arm(self) -> None:
-        self.sums.zero_()
+        self._norms, self._norm_rows, self._counts = [], [], [0] * len(self.modules)
         self.fp8_sums.zero_()
         self.maxima.fill_(-torch.inf)
         self._scales = [history.scale() for history in self.histories]
-        # Explicit attention (to read the logits) only on armed steps; a model that tracks always is left alone.
-        self._restore = [bool(module.track_max_logit) for module in self._attention]
+        # The max logit costs one q k^T per layer (over ``max_logit_sequences`` sequences of each micro-batch):
+        # only on armed steps. A model that tracks it always is left as it is.
+        self._restore = [(bool(m.track_max_logit), getattr(m, "max_logit_sequences", 0)) for m in self._attention]
         for module in self._attention:
-            module.track_max_logit = True
+            if not module.track_max_logit:
+                module.track_max_logit = True
+                module.max_logit_sequences = self.max_logit_sequences
             module.last_max_logit = None
         self.armed = True
 
     def disarm(self) -> None:
-        for module, previous in zip(self._attention, self._restore, strict=True):
-            module.track_max_logit = previous
-        self._restore = [False] * len(self._attention)
+        for module, (tracked, sequences) in zip(self._attention, self._restore, strict=True):
+            module.track_max_logit = tracked
+            module.max_logit_sequences = sequences
+        self._restore = [(False, 0)] * len(self._attention)
         self.armed = False
 
     def _linear_hook(self, index: int):
@@ -79,16 +94,26 @@ class ActivationStats:
             if not self.armed or not isinstance(output, torch.Tensor):
                 return
             with torch.no_grad():
-                out = output.detach().float().reshape(-1)
-                self.sums[index, SUMSQ] += torch.dot(out, out).to(self.sums.dtype)
-                self.sums[index, COUNT] += out.numel()
+                # One fused reduction, kept on the device; the sums are formed once, in ``sums()``.
+                self._norms.append(torch.linalg.vector_norm(output.detach(), dtype=torch.float32))
+                self._norm_rows.append(index)
+                self._counts[index] += output.numel()
                 if self.low_precision and inputs and isinstance(inputs[0], torch.Tensor):
                     x = inputs[0].detach()
                     self.maxima[index] = torch.maximum(self.maxima[index], x.abs().max().float())
                     if self.histories[index].ready:
-                        self.fp8_sums[index] += fp8.fp8_sums(x, self._scales[index], "e4m3").to(self.sums.dtype)
+                        self.fp8_sums[index] += fp8.fp8_sums(x, self._scales[index], "e4m3").to(self.fp8_sums.dtype)
 
         return hook
+
+    def sums(self) -> torch.Tensor:
+        """``[modules, 2]`` float64: sum of squares and element count of each module's outputs on this rank."""
+        out = torch.zeros(len(self.modules), 2, dtype=torch.float64, device=self.device)
+        if self._norms:
+            squares = torch.stack(self._norms).to(self.device, torch.float64).square()
+            out[:, SUMSQ].index_add_(0, torch.tensor(self._norm_rows, device=self.device), squares)
+        out[:, COUNT] = torch.tensor(self._counts, dtype=torch.float64, device=self.device)
+        return out
 
     def _attention_hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:

@@ -97,6 +97,7 @@ class MasterStats:
             self.factor = unclip_factor(self.global_norm(), self.clip)
             self.step_lrs = [float(group["lr"]) for group in self.param_groups]
         f = self.factor
+        weights, grads, rows = [], [], []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 layout = self.layout.find(param)
@@ -106,14 +107,23 @@ class MasterStats:
                 g = param.grad.detach().reshape(-1)
                 if g.dtype != w.dtype:
                     g = g.to(w.dtype)
-                rows = self._rows(layout)
-                values = []
-                for ws, gs in zip(layout.views(w), layout.views(g), strict=True):
-                    values.append(torch.stack([torch.dot(ws, ws), torch.dot(gs, gs) * (f * f), torch.dot(ws, gs) * f]))
-                self.sums[:, :3].index_add_(0, rows, torch.stack(values).to(self.device, torch.float64))
+                weights += layout.views(w)
+                grads += layout.views(g)
+                rows.append(self._rows(layout))
                 if self.low_precision:
-                    self._fp8(layout, w, g, f, rows)
+                    self._fp8(layout, w, g, f, self._rows(layout))
                 self._snapshots[id(param)] = (param, w.clone())
+        if not weights:
+            return
+        # Every slice of this call at once: two multi-tensor norms (one fused kernel each on a GPU) and the dots.
+        norms = torch.stack([torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))], 1)
+        dots = torch.stack([torch.dot(w, g) for w, g in zip(weights, grads, strict=True)])
+        block = torch.cat(
+            [norms.to(self.device, torch.float64).square(), dots.to(self.device, torch.float64)[:, None]], 1
+        )
+        block[:, G2] *= f * f
+        block[:, WG] *= f
+        self.sums[:, :3].index_add_(0, torch.cat(rows), block)
 
     def _fp8(self, layout: Any, w: torch.Tensor, g: torch.Tensor, f: float, rows: torch.Tensor) -> None:
         """E4M3 on the master weights, E5M2 on the gradient before clipping (``g * f``, folded into the scale)."""
@@ -136,6 +146,7 @@ class MasterStats:
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.armed:
             return
+        diffs, rows, counts = [], [], []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 snapshot = self._snapshots.pop(id(param), None)
@@ -144,15 +155,26 @@ class MasterStats:
                 layout = self.layout.find(param)
                 old = snapshot[1]
                 new = param.detach().reshape(-1)
-                diff = new - old
-                rows = self._rows(layout)
-                columns = [torch.stack([torch.dot(d, d) for d in layout.views(diff)])]
                 if self.lp_dtype is not None and self.low_precision:
                     # The low-precision copy DeepSpeed writes next is new.to(bf16); it equals the old copy
                     # although the master moved: that update was lost to rounding.
-                    changed = diff != 0
+                    changed = new != old
                     stale = changed & (new.to(self.lp_dtype) == old.to(self.lp_dtype))
-                    columns.append(torch.stack([c.sum() for c in layout.views(changed)]).to(diff.dtype))
-                    columns.append(torch.stack([s.sum() for s in layout.views(stale)]).to(diff.dtype))
-                values = torch.stack(columns, dim=1).to(self.device, torch.float64)
-                self.sums[:, U2 : U2 + values.shape[1]].index_add_(0, rows, values)
+                    counts.append(
+                        torch.stack(
+                            [
+                                torch.stack([c.sum() for c in layout.views(changed)]),
+                                torch.stack([s.sum() for s in layout.views(stale)]),
+                            ],
+                            1,
+                        )
+                    )
+                diffs += layout.views(old.sub_(new))  # the snapshot is spent: its memory holds -update
+                rows.append(self._rows(layout))
+        if not diffs:
+            return
+        columns = [torch.stack(torch._foreach_norm(diffs)).to(self.device, torch.float64).square()[:, None]]
+        if counts:
+            columns.append(torch.cat(counts).to(self.device, torch.float64))
+        values = torch.cat(columns, 1)
+        self.sums[:, U2 : U2 + values.shape[1]].index_add_(0, torch.cat(rows), values)

@@ -63,7 +63,9 @@ class Tracker:
             self.layout, optimizers, self._global_norm, self.clip, self.device, config.low_precision, lp_dtype
         )
         self.activations = (
-            ActivationStats(self.model, self.device, config.low_precision, config.fp8_amax_history)
+            ActivationStats(
+                self.model, self.device, config.low_precision, config.fp8_amax_history, config.max_logit_sequences
+            )
             if config.activations
             else None
         )
@@ -169,7 +171,7 @@ class Tracker:
         if self.layout.replicated and self._world() > 1 and self.dist.get_rank() != 0:
             sums = [torch.zeros_like(t) for t in sums]  # every rank holds the whole tensor: count it once
         if acts is not None:
-            sums += [acts.sums, acts.fp8_sums]
+            sums += [acts.sums(), acts.fp8_sums]
         vector = torch.cat([t.reshape(-1) for t in sums])
         maxima = [master.maxima.reshape(-1)] if self.config.low_precision else []
         if acts is not None:
