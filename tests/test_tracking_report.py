@@ -50,6 +50,11 @@ def synthetic_run(path: Path, adamc: bool, steps: int = 400, interval: int = 10,
                 row[f"predicted_ratio/{name}"] = predicted
                 row[f"update_weight_ratio/{name}"] = math.sqrt(lr * lam) * (1 + 0.05 * rng.random())
                 row[f"predicted_update_ratio/{name}"] = math.sqrt(2 * lr * row["weight_decay"] * 0.1 / 1.9)
+                module = name.removesuffix(".weight")
+                row[f"act_rms/{module}"] = 1.0 + step / steps * (2 if adamc else 4)
+        if step % interval == 0:
+            for layer in range(4):
+                row[f"max_attn_logit/layers.{layer}"] = 5.0 + layer + step / steps * (3 if adamc else 30)
         row["grad_norm"] = math.sqrt(grad_norm)
         if step % interval == 0 and step > 0:
             row["fp8/weight/overflow_frac"] = 0.0
@@ -71,7 +76,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_report_writes_every_figure(report: Path) -> None:
-    for name in ("loss", "grad_norm", "ratio", "update_ratio", "weight_norms", "fp8_overflow"):
+    for name in ("loss", "grad_norm", "ratio", "update_ratio", "weight_norms", "max_logit", "act_rms", "fp8_overflow"):
         png = report / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert png.stat().st_size > 10_000, name  # a blank canvas is smaller
@@ -86,6 +91,9 @@ def test_summary_compares_runs(report: Path) -> None:
     assert gap["adamc"] == pytest.approx(1.0, abs=0.1)
     assert 0.5 < gap["adamw"] < 0.9
     assert "![Per-layer ||g||/||x||" in summary and "## Spikes" in summary
+    logit = {row.split("|")[1].strip(): float(row.split("|")[8]) for row in rows}
+    # The largest logit: layer 3 at the last tracked step (3 significant digits in the table).
+    assert logit == pytest.approx({"adamw": 8.0 + 30 * 390 / 400, "adamc": 8.0 + 3 * 390 / 400}, rel=5e-3)
 
 
 def test_missing_metrics_is_a_one_line_error(tmp_path: Path) -> None:

@@ -85,11 +85,11 @@ def _labels(runs: list[Run]) -> None:
             run.label = f"{run.path.parent.name}/{run.path.name}"
 
 
-def _tracked_names(runs: list[Run]) -> list[str]:
-    """Up to MAX_LAYERS parameters that have a predicted ratio, spread over the depth of the model."""
+def _tracked_names(runs: list[Run], prefix: str = "predicted_ratio/") -> list[str]:
+    """Up to MAX_LAYERS names under ``prefix`` (default: parameters with a prediction), spread over the depth."""
     names: list[str] = []
     for run in runs:
-        for key in run.keys("predicted_ratio/"):
+        for key in run.keys(prefix):
             name = key.split("/", 1)[1]
             if name not in names:
                 names.append(name)
@@ -206,6 +206,18 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
         "Per-layer weight norms",
         _per_layer_plot(runs, names, "weight_norm", None, "||x||", output / "weight_norms.png"),
     )
+    add(
+        "max_logit.png",
+        "Per-layer max attention logit (grows before a divergence; QK-norm / capping hold it)",
+        _per_layer_plot(
+            runs, _tracked_names(runs, "max_attn_logit/"), "max_attn_logit", None, "max logit", output / "max_logit.png"
+        ),
+    )
+    add(
+        "act_rms.png",
+        "RMS of the outputs of QKV, attention projection, FC1 and FC2",
+        _per_layer_plot(runs, _tracked_names(runs, "act_rms/"), "act_rms", None, "output RMS", output / "act_rms.png"),
+    )
     fp8_keys = [(f"fp8/{kind}/overflow_frac", style) for kind, style in (("weight", "-"), ("grad", ":"), ("act", "--"))]
     add(
         "fp8_overflow.png",
@@ -216,17 +228,19 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
     lines = ["# Training report", "", f"Runs: {', '.join(f'`{run.path}`' for run in runs)}", ""]
     lines += [
         "| run | steps | final loss | min loss | final grad norm | max grad norm | "
-        "measured/predicted ratio (last) | spikes | max FP8 overflow | bf16 stale (last) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "measured/predicted ratio (last) | max attention logit | spikes | max FP8 overflow | bf16 stale (last) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         _, losses = run.series("loss")
         _, norms = run.series("grad_norm")
         overflow = [v for kind in ("weight", "grad", "act") for v in run.series(f"fp8/{kind}/overflow_frac")[1]]
+        logits = [v for key in run.keys("max_attn_logit/") for v in run.series(key)[1]]
         lines.append(
             f"| {run.label} | {run.rows[-1]['step']} | {_fmt(losses[-1] if losses else None)} | "
             f"{_fmt(min(losses) if losses else None)} | {_fmt(norms[-1] if norms else None)} | "
             f"{_fmt(max(norms) if norms else None)} | {_fmt(_mean_ratio_gap(run, names), '.3f')} | "
+            f"{_fmt(max(logits) if logits else None, '.3g')} | "
             f"{sum(1 for e in run.events if e.get('event') == 'spike')} | "
             f"{_fmt(max(overflow) if overflow else None, '.2e')} | {_fmt(run.last('bf16_stale_frac'), '.3f')} |"
         )
