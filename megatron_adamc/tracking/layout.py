@@ -26,6 +26,7 @@ class FlatLayout:
     rows: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
+    _row_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, row: int, start: int, numel: int) -> None:
         if numel > 0:
@@ -35,6 +36,16 @@ class FlatLayout:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat.narrow(0, s, n) for s, n in zip(self.starts, self.numels, strict=True)]
+
+    def slice_sums(self, flat: torch.Tensor) -> torch.Tensor:
+        """The sum of each slice of ``flat`` (a count, for a boolean tensor)."""
+        return torch.stack([view.sum() for view in self.views(flat)])
+
+    def row_tensor(self, device: torch.device) -> torch.Tensor:
+        """``rows`` as an index tensor, built once (the slices do not change after the layout is read)."""
+        if self._row_tensor is None:
+            self._row_tensor = torch.tensor(self.rows, dtype=torch.long, device=device)
+        return self._row_tensor
 
 
 @dataclass

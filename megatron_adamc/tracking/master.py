@@ -81,13 +81,6 @@ class MasterStats:
         self.armed = False
         self._snapshots.clear()
 
-    def _rows(self, layout: Any) -> torch.Tensor:
-        rows = getattr(layout, "_row_tensor", None)
-        if rows is None:
-            rows = torch.tensor(layout.rows, dtype=torch.long, device=self.device)
-            layout._row_tensor = rows
-        return rows
-
     @torch.no_grad()
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.armed:
@@ -109,9 +102,9 @@ class MasterStats:
                     g = g.to(w.dtype)
                 weights += layout.views(w)
                 grads += layout.views(g)
-                rows.append(self._rows(layout))
+                rows.append(layout.row_tensor(self.device))
                 if self.low_precision:
-                    self._fp8(layout, w, g, f, self._rows(layout))
+                    self._fp8(layout, w, g, f, rows[-1])
                 self._snapshots[id(param)] = (param, w.clone())
         if not weights:
             return
@@ -160,17 +153,9 @@ class MasterStats:
                     # although the master moved: that update was lost to rounding.
                     changed = new != old
                     stale = changed & (new.to(self.lp_dtype) == old.to(self.lp_dtype))
-                    counts.append(
-                        torch.stack(
-                            [
-                                torch.stack([c.sum() for c in layout.views(changed)]),
-                                torch.stack([s.sum() for s in layout.views(stale)]),
-                            ],
-                            1,
-                        )
-                    )
+                    counts.append(torch.stack([layout.slice_sums(changed), layout.slice_sums(stale)], 1))
                 diffs += layout.views(old.sub_(new))  # the snapshot is spent: its memory holds -update
-                rows.append(self._rows(layout))
+                rows.append(layout.row_tensor(self.device))
         if not diffs:
             return
         columns = [torch.stack(torch._foreach_norm(diffs)).to(self.device, torch.float64).square()[:, None]]
