@@ -251,6 +251,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
+    if min(args.rounds, args.blocks, args.batch, args.seq) < 1 or args.seq > 256:
+        parser.error("--rounds, --blocks, --batch and --seq must be >= 1, and --seq <= 256 (the tiny preset's max)")
     if "RANK" not in os.environ:
         return launch(sys.argv[1:])
     worker(args)

@@ -258,6 +258,8 @@ def test_max_logit_over_the_first_sequences():
         sampled = torch.stack(model.max_logits())
     assert torch.allclose(sampled, first, rtol=1e-6)
     assert (every > sampled).any()  # the other sequences hold larger logits somewhere: the sample is smaller
+    with pytest.raises(ValueError, match="sequences=-1"):
+        model.track_max_logits(True, sequences=-1)
 
 
 def test_max_logit_value_against_hand_computation():

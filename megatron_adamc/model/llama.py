@@ -261,6 +261,8 @@ class Llama(nn.Module):
     def track_max_logits(self, enabled: bool = True, sequences: int = 0) -> None:
         """Switch ``track_max_logit`` on every attention: one extra q k^T without autograd per forward, over the
         first ``sequences`` sequences of each batch (0: all; the capping path always reads all of them)."""
+        if sequences < 0:
+            raise ValueError(f"sequences={sequences}: use 0 (every sequence of the batch) or a positive count")
         for layer in self.layers:
             layer.attn.track_max_logit = enabled
             layer.attn.max_logit_sequences = sequences
