@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import megatron_adamc
 from megatron_adamc.cli import UserError
+from megatron_adamc.tracking.sinks import decode_number
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
 MODELS: dict[str, dict[str, Any]] = {
@@ -85,23 +86,13 @@ def common_overrides(cfg: LlmConfig) -> list[str]:
     return sets
 
 
-NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-
-
-def _number(value: Any) -> Any:
-    """The JSON sink writes NaN as null and inf as "inf": read both back as floats, so comparisons just work."""
-    if value is None:
-        return math.nan
-    return NON_FINITE.get(value, value) if isinstance(value, str) else value
-
-
 def load_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as a list of records, sorted by step; a half-written last line (run still going) is skipped."""
     records = []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
-                records.append({k: _number(v) for k, v in json.loads(line).items()})
+                records.append({k: decode_number(v) for k, v in json.loads(line).items()})
             except json.JSONDecodeError:
                 continue
     return sorted((r for r in records if "step" in r), key=lambda r: r["step"])

@@ -42,6 +42,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def decode_number(value: Any) -> Any:
+    """The inverse of ``append_jsonl``'s encoding for one value: null -> NaN, "inf"/"-inf" -> +-inf."""
+    if value is None:
+        return math.nan
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """One JSON object per line; NaN becomes null and inf the string "inf", so any JSON reader accepts it."""
     with open(path, "a", encoding="utf-8") as handle:
