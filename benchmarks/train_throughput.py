@@ -56,9 +56,9 @@ def trainer_block(config_path: str, overrides: list[str], steps: int, warmup: in
         + [
             f"train.steps={max(base.train.steps, total + 1)}",  # the lr schedule stays the config's when it fits
             f"train.stop_at_step={total}",  # ends the block (with a checkpoint, outside the timed span)
-            "train.log_interval=1",
-            f"train.eval_interval={10**9}",
-            f"train.checkpoint_interval={10**9}",
+            "logging.interval=1",
+            f"eval.interval={10**9}",
+            f"checkpoint.interval={10**9}",
             "tracking.enabled=false",
             "logging.tensorboard=false",
             "logging.wandb=false",
@@ -101,7 +101,7 @@ class BareLoop:
         tc = self.config.train
         self.samples_per_step = tc.micro_batch_size * tc.grad_accum * self.env.world_size
         tokenizer, self.train_ds, _ = trainer_mod._prepare_data(
-            self.config, self.env, tc.steps * self.samples_per_step, tc.eval_batches * tc.micro_batch_size
+            self.config, self.env, tc.steps * self.samples_per_step, self.config.eval.batches * tc.micro_batch_size
         )
         self.model_config = trainer_mod._model_config(self.config, tokenizer.vocab_size)
         self.precision = precision(build_deepspeed_config(self.config, self.env.world_size))

@@ -17,8 +17,8 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 SMALL_CORPUS_DIR = Path(tempfile.gettempdir()) / "megatron-adamc-test-corpus"
 SMALL_TRAIN_SETS = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
-    "train.seq_len=64", "train.micro_batch_size=2", "scheduler.warmup_steps=2", "train.eval_batches=2",
-    "train.checkpoint_interval=100", "tracking.interval=4", "logging.tensorboard=false", "logging.progress=false",
+    "train.seq_len=64", "train.micro_batch_size=2", "scheduler.warmup_steps=2", "eval.batches=2",
+    "checkpoint.interval=100", "tracking.interval=4", "logging.tensorboard=false", "logging.progress=false",
     "data.vocab_size=512", "data.max_bytes=400000", f"data.cache_dir={SMALL_CORPUS_DIR}",
 ]  # fmt: skip
 

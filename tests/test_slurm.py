@@ -27,7 +27,7 @@ LAUNCH = REPO / "launch" / "slurm"
 STANDIN = REPO / "tests" / "slurm" / "standin_train.py"
 TINY_CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
 # The real trainer on the tests' small model and corpus (see conftest), short enough for CI.
-TRAIN_SETS = ["train.steps=60", *SMALL_TRAIN_SETS, "train.eval_interval=30"]
+TRAIN_SETS = ["train.steps=60", *SMALL_TRAIN_SETS, "eval.interval=30"]
 
 _spec = importlib.util.spec_from_file_location("local_cluster", LAUNCH / "cluster" / "local_cluster.py")
 local_cluster = importlib.util.module_from_spec(_spec)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_adamc.cli import UserError
 from megatron_adamc.cli import report as report_cli
 from megatron_adamc.core.theory import sgd_grad_weight_ratio
+from megatron_adamc.errors import UserError
 from megatron_adamc.tracking.sinks import append_jsonl
 
 

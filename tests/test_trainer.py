@@ -14,7 +14,7 @@ from conftest import REPO, SMALL_CORPUS_DIR, SMALL_TRAIN_SETS, free_port, subpro
 from megatron_adamc.train.schedule import lr_multiplier
 
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
-SMALL = [*SMALL_TRAIN_SETS, "train.steps=12", "train.eval_interval=6"]
+SMALL = [*SMALL_TRAIN_SETS, "train.steps=12", "eval.interval=6"]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """``megatron-adamc``: one command, one sub-command per module in this package.
 
 Each sub-command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
-callable taking the parsed args and returning an exit code. A user's mistake raises ``UserError`` (or
-``AdamCError``); ``main`` prints it as one line and exits 2, with no traceback.
+callable taking the parsed args and returning an exit code. Anything below raises a ``MegatronAdamCError``
+(``megatron_adamc.errors``); ``main`` prints it as one line and exits with its code, with no traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import sys
 SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report"]
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-adamc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,15 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_adamc.core.decay import AdamCError
+    from megatron_adamc.errors import MegatronAdamCError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, AdamCError) as err:
-        print(f"megatron-adamc {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except MegatronAdamCError as err:
+        print(f"megatron-adamc {args.command}: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 from megatron_adamc.experiments import EXPERIMENTS, load
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 
 LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch" / "slurm"
 SCRIPTS = {"train": "train.sbatch", "megatron": "megatron.sbatch"}

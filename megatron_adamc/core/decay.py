@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 
+from megatron_adamc.errors import UserError
+
 # Relative slack before an lr counts as "above the peak": schedulers compute the peak in floating point.
 LR_MAX_RTOL = 1e-6
 
 
-class AdamCError(ValueError):
+class AdamCError(UserError, ValueError):
     """A user's AdamC setting is wrong; the message is one line naming the field and the fix."""
 
 

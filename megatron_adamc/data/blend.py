@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from megatron_adamc.data.errors import DataError
+from megatron_adamc.errors import DataError
 
 Blend = tuple[list[str], list[float] | None]
 

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
-from megatron_adamc.data.errors import DataError
+from megatron_adamc.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 

@@ -13,9 +13,9 @@ import os
 from collections.abc import Iterator, Sequence
 
 from megatron_adamc.data.blend import Blend, parse_blend
-from megatron_adamc.data.errors import DataError
 from megatron_adamc.data.megatron_import import quiet_megatron_import
 from megatron_adamc.data.tokenizer import Tokenizer
+from megatron_adamc.errors import DataError
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 
-from megatron_adamc.data.errors import DataError
+from megatron_adamc.errors import DataError
 
 
 def quiet_megatron_import() -> None:

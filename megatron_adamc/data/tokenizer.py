@@ -11,7 +11,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-from megatron_adamc.data.errors import DataError
+from megatron_adamc.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # 4 special ids + 256 byte pieces + the newline piece, plus room for the corpus's own characters.

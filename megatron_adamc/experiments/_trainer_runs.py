@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import megatron_adamc
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 from megatron_adamc.tracking.sinks import decode_number
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
@@ -76,8 +76,8 @@ def common_overrides(cfg: LlmConfig) -> list[str]:
         f"data.vocab_size={cfg.vocab_size}",
         f"data.max_bytes={cfg.max_bytes}",
         f"data.cache_dir={cache}",
-        "train.checkpoint_interval=1000000",  # only the final save; runs are short
-        "train.keep_checkpoints=1",
+        "checkpoint.interval=1000000",  # only the final save; runs are short
+        "checkpoint.keep=1",
         "logging.tensorboard=false",
         "logging.progress=false",  # the experiment prints its own progress, across runs
     ]

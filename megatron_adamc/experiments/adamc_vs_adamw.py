@@ -73,8 +73,8 @@ def overrides(cfg: Config, optimizer: str, wd: float, seed: int) -> list[str]:
         "scheduler.type=cosine",
         f"scheduler.warmup_steps={cfg.warmup_steps}",
         "scheduler.min_lr=0.0",
-        f"train.eval_interval={max(1, cfg.steps // cfg.eval_points)}",
-        f"train.eval_batches={cfg.eval_batches}",
+        f"eval.interval={max(1, cfg.steps // cfg.eval_points)}",
+        f"eval.batches={cfg.eval_batches}",
         "tracking.enabled=true",
         f"tracking.interval={cfg.tracking_interval}",
         "tracking.activations=false",  # norms only: the activation hooks cost time and this run needs none

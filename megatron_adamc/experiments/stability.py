@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 from megatron_adamc.experiments._figure import save_figure
 from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, series, window_mean
 
@@ -82,8 +82,8 @@ def overrides(cfg: Config, variant: str, lr: float) -> list[str]:
         f"optimizer.weight_decay={cfg.weight_decay}",
         "scheduler.type=constant",
         f"scheduler.warmup_steps={cfg.warmup_steps}",
-        f"train.eval_interval={cfg.steps}",
-        "train.eval_batches=8",
+        f"eval.interval={cfg.steps}",
+        "eval.batches=8",
         "tracking.enabled=true",
         f"tracking.interval={cfg.tracking_interval}",
         "tracking.activations=true",

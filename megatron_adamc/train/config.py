@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 from megatron_adamc.tracking.config import TrackingConfig
 
 
@@ -50,20 +50,41 @@ class SchedulerSection(_Section):
 
 
 class TrainSection(_Section):
+    """The loop itself: how long, how big a batch, and what the loop does to each step."""
+
     steps: int = Field(300, gt=0)
     micro_batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     seq_len: int = Field(256, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
     deepspeed: str = Field("configs/deepspeed/zero1.json", description="DeepSpeed JSON: ZeRO stage, precision")
-    log_interval: int = Field(1, gt=0)
-    eval_interval: int = Field(100, gt=0)
-    eval_batches: int = Field(8, gt=0)
-    checkpoint_interval: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
     stop_at_step: int | None = Field(
         None, gt=0, description="end this invocation after this step (checkpointed); the schedule still spans steps"
     )
+    max_bad_steps: int = Field(
+        3, gt=0, description="consecutive non-finite (or spike-skipped) steps before the run stops as diverged"
+    )
+    spike_skip_ratio: float | None = Field(
+        None, gt=1, description="skip the update when the loss exceeds this ratio of its running mean (off: null)"
+    )
+    spike_window: int = Field(50, gt=1, description="steps in the running mean of spike_skip_ratio")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="full: recompute every block; selective: recompute all but attention (see docs/model.md)"
+    )
+    compile: bool = Field(False, description="torch.compile each transformer block")
+
+
+class CheckpointSection(_Section):
+    interval: int = Field(100, gt=0, description="save every this many steps (and at the end, and on preemption)")
+    keep: int = Field(2, gt=0, description="verified checkpoints kept; older ones are pruned")
+    init_from: str | None = Field(
+        None, description="weights (safetensors, e.g. from `megatron-adamc import-hf`) a fresh run starts from"
+    )
+
+
+class EvalSection(_Section):
+    interval: int = Field(100, gt=0, description="validation every this many steps (and at the last)")
+    batches: int = Field(8, gt=0, description="micro batches per rank in one validation pass")
 
 
 class DataSection(_Section):
@@ -78,6 +99,8 @@ class DataSection(_Section):
     split: str | None = Field(None, description='e.g. "98,2,0": validation drawn from data.train')
     tokenizer: str | None = Field(None, description="SentencePiece .model matching data.train")
     index_cache_dir: str | None = None
+    num_workers: int = Field(1, ge=0, description="background loader processes (0: batches built on the main thread)")
+    prefetch_factor: int = Field(4, gt=0, description="micro batches each loader worker keeps ready")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
@@ -87,6 +110,7 @@ class DataSection(_Section):
 
 
 class LoggingSection(_Section):
+    interval: int = Field(1, gt=0, description="write metrics every this many steps (evaluations always)")
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "megatron-adamc"
@@ -99,6 +123,8 @@ class TrainConfig(_Section):
     optimizer: OptimizerSection = OptimizerSection()
     scheduler: SchedulerSection = SchedulerSection()
     train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
     data: DataSection = DataSection()
     tracking: TrackingConfig = TrackingConfig()
     logging: LoggingSection = LoggingSection()

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 from megatron_adamc.train.config import TrainConfig
 
 # DeepSpeed JSON key -> (train config key, value)

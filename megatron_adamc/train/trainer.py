@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_adamc.cli import UserError
+from megatron_adamc.errors import UserError
 from megatron_adamc.train import checkpoint
 from megatron_adamc.train.config import TrainConfig
 from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, zero_stage
@@ -158,7 +158,7 @@ class Trainer:
         env = init_distributed()
         torch.manual_seed(config.seed)
         samples_per_step = tc.micro_batch_size * tc.grad_accum * env.world_size
-        num_valid = tc.eval_batches * tc.micro_batch_size * env.world_size
+        num_valid = config.eval.batches * tc.micro_batch_size * env.world_size
         tokenizer, train_ds, valid_ds = _prepare_data(config, env, tc.steps * samples_per_step, num_valid)
         model_config = _model_config(config, tokenizer.vocab_size)
         if env.is_main:
@@ -233,18 +233,18 @@ class Trainer:
                 record.update(tracker.end_step(step, loss=train_loss, grad_norm=grad_norm))
                 for event in tracker.pop_events():
                     logger.write(f"spike at step {step}: {json.dumps(event)}")
-            if step % tc.eval_interval == 0 or step == tc.steps:
+            if step % config.eval.interval == 0 or step == tc.steps:
                 record["val_loss"] = self._evaluate(engine, valid_ds, env)
                 result["val_loss"] = record["val_loss"]
-            if step % tc.log_interval == 0 or "val_loss" in record or step == tc.steps:
+            if step % config.logging.interval == 0 or "val_loss" in record or step == tc.steps:
                 logger.log(record)
             logger.progress(step, train_loss, record["tokens_per_s"])
             result.update(step=step, loss=train_loss)
             stop = preemption.should_stop()
             pause = tc.stop_at_step is not None and step >= tc.stop_at_step
-            if step % tc.checkpoint_interval == 0 or step == tc.steps or stop or pause:
+            if step % config.checkpoint.interval == 0 or step == tc.steps or stop or pause:
                 checkpoint.save(
-                    engine, self.ckpt_dir, step, {"step": step, "consumed_samples": consumed}, tc.keep_checkpoints
+                    engine, self.ckpt_dir, step, {"step": step, "consumed_samples": consumed}, config.checkpoint.keep
                 )
             if stop:
                 logger.write(f"stopping at step {step} for preemption; checkpoint saved")
@@ -278,7 +278,7 @@ class Trainer:
         engine.eval()
         mb = self.config.train.micro_batch_size
         losses = []
-        for i in range(self.config.train.eval_batches):
+        for i in range(self.config.eval.batches):
             indices = batch_indices(i * mb * env.world_size, mb, env.rank, env.world_size, len(valid_ds))
             tokens, labels = _batch(valid_ds, indices, env.device)
             loss, parts = engine.module.loss(engine(tokens), labels)
