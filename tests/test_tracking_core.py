@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from megatron_adamc.core import fp8
 from megatron_adamc.core.norms import cosine, layer_of, log_change, unclip_factor, zscore
-from megatron_adamc.tracking import TrackingConfig, append_jsonl, tensorboard_tag, write_tensorboard
+from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.tracking import TrackingConfig, tensorboard_tag, write_tensorboard
 from megatron_adamc.tracking.spike import SpikeAlarm
 
 
@@ -113,7 +114,7 @@ def test_sinks_jsonl_and_tensorboard(tmp_path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     path = tmp_path / "metrics.jsonl"
-    append_jsonl(path, {"step": 1, "a": math.nan, "b": math.inf, "c": 2.5})
+    MetricsFile(path).append({"step": 1, "a": math.nan, "b": math.inf, "c": 2.5})
     assert json.loads(path.read_text()) == {"step": 1, "a": None, "b": "inf", "c": 2.5}
     writer = SummaryWriter(str(tmp_path / "tb"))
     write_tensorboard(writer, {"grad_norm/layers.0.mlp.fc1.weight": 0.5, "loss": 2.0, "bad": math.nan}, step=3)

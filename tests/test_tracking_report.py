@@ -13,7 +13,7 @@ import pytest
 from megatron_adamc.cli import report as report_cli
 from megatron_adamc.core.theory import sgd_grad_weight_ratio
 from megatron_adamc.errors import UserError
-from megatron_adamc.tracking.sinks import append_jsonl
+from megatron_adamc.metrics_file import MetricsFile
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +31,7 @@ def synthetic_run(path: Path, adamc: bool, steps: int = 400, interval: int = 10,
     """Cosine lr from 1e-3; each layer's measured ratio relaxes toward the predicted one, with noise."""
     rng = random.Random(seed)
     path.mkdir(parents=True)
+    metrics = MetricsFile(path)
     lam, lr_max = 0.1, 1e-3
     ratios = {name: 0.5 * sgd_grad_weight_ratio(lam, lr_max) for name in LAYERS}
     for step in range(steps):
@@ -60,8 +61,8 @@ def synthetic_run(path: Path, adamc: bool, steps: int = 400, interval: int = 10,
             row["fp8/weight/overflow_frac"] = 0.0
             row["fp8/grad/overflow_frac"] = 1e-4 * (step / steps) * (1 if adamc else 5)
             row["bf16_stale_frac"] = 0.1 + 0.5 * (1 - lr / lr_max)
-        append_jsonl(path / "metrics.jsonl", row)
-    append_jsonl(path / "metrics.jsonl", {"event": "spike", "step": 123, "kind": "loss", "value": 9.0, "zscore": 8.0})
+        metrics.append(row)
+    metrics.append_event("spike", 123, kind="loss", value=9.0, zscore=8.0)
     return path
 
 
@@ -103,6 +104,7 @@ def test_missing_metrics_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_bad_json_names_the_line(tmp_path: Path) -> None:
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n{oops\n")
+    good = json.dumps({"step": 0, "loss": 1.0}) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(good + "{oops\n" + good)  # a torn LAST line would be dropped instead
     with pytest.raises(UserError, match="metrics.jsonl:2"):
         main(["report", str(tmp_path), "-o", str(tmp_path / "r")])

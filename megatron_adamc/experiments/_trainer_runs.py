@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import megatron_adamc
 from megatron_adamc.errors import UserError
-from megatron_adamc.tracking.sinks import decode_number
+from megatron_adamc.metrics_file import MetricsFile
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
 MODELS: dict[str, dict[str, Any]] = {
@@ -87,30 +87,8 @@ def common_overrides(cfg: LlmConfig) -> list[str]:
 
 
 def load_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as a list of records, sorted by step; a half-written last line (run still going) is skipped."""
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append({k: decode_number(v) for k, v in json.loads(line).items()})
-            except json.JSONDecodeError:
-                continue
-    return sorted((r for r in records if "step" in r), key=lambda r: r["step"])
-
-
-def _last_record(path: Path) -> dict[str, Any] | None:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
+    """metrics.jsonl's rows sorted by step; a half-written last line (run still going) is skipped."""
+    return MetricsFile(path).read().rows
 
 
 def _fmt_time(seconds: float) -> str:
@@ -186,7 +164,7 @@ class RunQueue:
         return records
 
     def _progress(self, tag: str, run_dir: Path, steps: int, elapsed: float) -> None:
-        last = _last_record(run_dir / "metrics.jsonl")
+        last = MetricsFile(run_dir).last_row()
         if last is None:
             print(f"{tag}: starting ({_fmt_time(elapsed)})", flush=True)
             return

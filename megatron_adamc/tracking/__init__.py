@@ -3,7 +3,7 @@ low-precision headroom and a spike alarm. See docs/tracking.md.
 """
 
 from megatron_adamc.tracking.config import TrackingConfig
-from megatron_adamc.tracking.sinks import append_jsonl, tensorboard_tag, write_tensorboard
+from megatron_adamc.tracking.sinks import tensorboard_tag, write_tensorboard
 from megatron_adamc.tracking.tracker import Tracker
 
-__all__ = ["Tracker", "TrackingConfig", "append_jsonl", "tensorboard_tag", "write_tensorboard"]
+__all__ = ["Tracker", "TrackingConfig", "tensorboard_tag", "write_tensorboard"]

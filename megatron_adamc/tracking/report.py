@@ -6,13 +6,14 @@ The figure that matters is the per-layer ratio against its predicted line: with 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from megatron_adamc.metrics_file import FILE_NAME, MetricsFile, MetricsFileError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,26 +56,13 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ReportError(f"{path}: no metrics.jsonl in it; pass a run directory written by the trainer")
-    run = Run(path.name or str(path), path)
-    with open(metrics, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ReportError(f"{metrics}:{number}: not JSON ({err.msg}); fix or delete that line") from err
-            if record.get("event"):
-                run.events.append(record)
-            elif "step" in record:
-                run.rows.append(record)
-    if not run.rows:
-        raise ReportError(f"{metrics}: no line with a 'step' key; nothing to plot")
-    run.rows.sort(key=lambda row: row["step"])
-    return run
+    try:
+        metrics = MetricsFile(path).read(strict=True)
+    except MetricsFileError as err:
+        raise ReportError(str(err)) from err
+    if not metrics.rows:
+        raise ReportError(f"{path / FILE_NAME}: no line with a 'step' key; nothing to plot")
+    return Run(path.name or str(path), path, metrics.rows, metrics.events)
 
 
 def _labels(runs: list[Run]) -> None:

@@ -3,36 +3,29 @@ progress bar with loss, tokens/s and the ETA. Only rank 0 writes."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from megatron_adamc.tracking.sinks import append_jsonl, write_tensorboard
-
-
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step`` (a resumed run redoes them), via a temp file so nothing is half-written."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.tracking.sinks import write_tensorboard
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, config: Any, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.file = MetricsFile(run_dir / "metrics.jsonl")
+        self.path = self.file.path
         self.writer = None
         self.wandb = None
         self.bar = None
         if not enabled:
             return
-        truncate_jsonl(self.path, start_step)
+        torn = self.file.truncate(start_step)
+        if torn:
+            print(f"metrics.jsonl: dropped {torn} torn line(s) left by a crash mid-write", flush=True)
         logging = config.logging
         if logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -53,7 +46,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        append_jsonl(self.path, record)
+        self.file.append(record)
         if self.writer is not None:
             write_tensorboard(self.writer, record, record["step"])
         if self.wandb is not None:
