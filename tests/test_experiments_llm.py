@@ -1,26 +1,31 @@
-"""The LLM experiments end to end through the CLI, drastically shortened: a few steps, one seed, two lrs, two variants.
+"""The LLM experiments end to end through the CLI, drastically shortened (tens of steps, two lambdas, two seeds, a
+three-lr ladder), and their bookkeeping on synthetic records.
 
-What is checked is what could silently be wrong: the rise in results.json is recomputed from metrics.jsonl, the
-AdamW and AdamC runs differ only in the optimizer type, a deliberately huge lr is flagged as diverged, and bad
-input is one line with exit code 2.
+What is checked is what could silently be wrong: the rise and the integrated decay in results.json are recomputed
+from metrics.jsonl, the control's lambda really matches AdamC's integrated decay, AdamW and AdamC runs differ only in
+the optimizer type, a deliberately huge lr is flagged as diverged and the ladder stops above it, the per-seed
+largest stable lr and Wortsman's sensitivity follow their definitions, and bad input is one line with exit code 2.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import pytest
 from conftest import SMALL_CORPUS_DIR
 
 import megatron_adamc.cli as cli
+from megatron_adamc.core import theory
 from megatron_adamc.experiments import adamc_vs_adamw, stability
 
 DATA = ["vocab_size=512", "max_bytes=400000", f"data_cache_dir={SMALL_CORPUS_DIR}", "seq_len=32", "micro_batch_size=4"]
-AVW = DATA + ["steps=40", "warmup_steps=2", "seeds=1", "sweep_weight_decays=[]", "tracking_interval=4"]
-AVW += ["eval_points=2", "eval_batches=2", "weight_decay=2.0", "lr=0.01"]
-STAB = DATA + ["steps=60", "warmup_steps=2", "variants=[baseline,qk_norm]", "lrs=[0.01,30.0]", "common_lr=0.01"]
-STAB += ["tracking_interval=4"]
+AVW = DATA + ["steps=40", "warmup_steps=2", "seeds=2", "weight_decays=[0.1,2.0]", "tracking_interval=4"]
+AVW += ["eval_points=2", "eval_batches=2", "lr=0.01", "long_weight_decay=2.0", "long_lr_wd_steps=1.2"]
+AVW += ["equilibrium_steps=60", "equilibrium_weight_decay=5.0", "settled_decay=1.0"]
+STAB = DATA + ["steps=60", "warmup_steps=3", "variants=[baseline,qk_norm]", "widths=[64]", "seeds=[0,1]"]
+STAB += ["lrs=[0.03,30.0,60.0]", "common_lr=0.03", "tracking_interval=5", "eval_batches=2", "skip_after_diverged=1"]
 
 
 def experiment(name: str, out, sets: list[str]) -> dict:
@@ -29,6 +34,11 @@ def experiment(name: str, out, sets: list[str]) -> dict:
         mp.setattr(cli, "SUBCOMMANDS", ["experiment"])
         assert cli.main(argv) == 0
     return json.loads((out / "results.json").read_text())
+
+
+def metrics(out, name: str) -> list[dict]:
+    lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "step" in row and "event" not in row]
 
 
 @pytest.fixture(scope="module")
@@ -43,71 +53,155 @@ def stab(tmp_path_factory):
     return out, experiment("stability", out, STAB)
 
 
-def test_adamc_vs_adamw_rise_matches_metrics(avw):
+def test_adamc_vs_adamw_rise_and_decay_match_metrics(avw):
     out, results = avw
-    assert (out / "adamc_vs_adamw.png").stat().st_size > 10_000
-    assert {r["optimizer"] for r in results["runs"]} == {"AdamW", "AdamC"}
+    for png in ("adamc_vs_adamw.png", "adam_forms.png"):
+        assert (out / png).stat().st_size > 10_000
+    phases = [r["phase"] for r in results["runs"]]
+    assert phases.count("sweep") == 4 and phases.count("seed") == 2 and phases.count("control") == 2
+    assert phases.count("no_decay") == 1 and phases.count("equilibrium") == 1
+    assert phases.count("long") == 2 and phases.count("long_control") == 1
     for r in results["runs"]:
-        records = [json.loads(line) for line in (out / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()]
-        mid = [x["grad_norm"] for x in records if 16 < x["step"] <= 24]  # 40-60% of 40 steps
-        end = [x["grad_norm"] for x in records if x["step"] > 38]  # last 5%
+        records = metrics(out, r["name"])
+        steps = r["steps"]
+        mid = [x["grad_norm"] for x in records if 0.4 * steps < x["step"] <= 0.6 * steps]
+        end = [x["grad_norm"] for x in records if x["step"] > 0.95 * steps]
         assert r["grad_norm_rise"] == pytest.approx((sum(end) / len(end)) / (sum(mid) / len(mid)), rel=1e-9)
-        assert r["lr_wd_steps"] == pytest.approx(0.01 * 2.0 * 40)
+        assert r["integrated_decay"] == pytest.approx(sum(x["lr"] * x["weight_decay"] for x in records), rel=1e-9)
+        assert r["lr_wd_steps"] == pytest.approx(0.01 * r["weight_decay"] * steps)
         assert math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < math.log(512)
         assert r["per_layer_grad_norm_rise"], "per-layer norms were tracked"
-    entry = results["summary"]["wd=2"]
-    assert entry["lr_wd_steps"] == pytest.approx(0.8)
-    assert entry["AdamW"]["grad_norm_rise"]["n"] == 1 and entry["AdamC"]["grad_norm_rise"]["std"] == 0.0
+        # Adam runs: the Adam forms only; none without decay (nothing to predict).
+        assert set(r["steady_state"]["forms"]) == (set() if r["weight_decay"] == 0 else {"adam", "kosson"})
+    sweep = {(r["optimizer"], r["weight_decay"]): r["final_val_loss"] for r in results["runs"] if r["phase"] == "sweep"}
+    for opt, best in results["best"].items():
+        assert best["weight_decay"] == min((wd for o, wd in sweep if o == opt), key=lambda wd: sweep[opt, wd])
+        assert best["final_val_loss"]["n"] == 2 and best["grad_norm_rise"]["std"] >= 0.0
+
+
+def test_the_control_matches_adamcs_integrated_decay(avw):
+    out, results = avw
+    control = results["control"]
+    adamc = metrics(out, adamc_vs_adamw.run_name("AdamC", control["adamc_weight_decay"], 0))
+    lrs = [x["lr"] for x in adamc]
+    matched = theory.matched_adamw_decay(lrs, control["adamc_weight_decay"], 0.01)
+    assert control["weight_decay"] == pytest.approx(matched, rel=1e-3) and matched < control["adamc_weight_decay"]
+    # Measured from the logged lambda_t of the runs themselves: equal to 4 significant digits (the lambda's rounding).
+    adamc_decay = sum(x["lr"] * x["weight_decay"] for x in adamc)
+    assert control["control_integrated_decay"]["mean"] == pytest.approx(adamc_decay, rel=1e-3)
+    assert control["final_val_loss"]["n"] == 2 and control["adamc_minus_control"]["final_val_loss"]["n"] == 2
+
+
+def test_long_trio_and_equilibrium_run(avw):
+    out, results = avw
+    long = results["long"]
+    # lr*wd*steps = 1.2 at wd 2: 60 steps; AdamW and AdamC at wd 2, the control at AdamC's integrated decay.
+    assert [long[k]["steps"] for k in ("AdamW", "AdamC", "AdamW_control")] == [60, 60, 60]
+    assert long["AdamW"]["name"] == "adamw-wd2-seed0-long60" and long["AdamC"]["lr_wd_steps"] == pytest.approx(1.2)
+    assert long["AdamW_control"]["integrated_decay"] == pytest.approx(long["AdamC"]["integrated_decay"], rel=1e-3)
+    assert long["AdamW_control"]["weight_decay"] < 2.0
+    assert results["no_decay"]["name"] == "adamw-wd0-seed0"
+    assert all(r["weight_decay"] == 0 for r in metrics(out, "adamw-wd0-seed0"))
+    eq = next(r for r in results["runs"] if r["phase"] == "equilibrium")
+    assert eq["name"] == "adamw-wd5-seed0-constant60" and eq["lr_wd_steps"] == pytest.approx(3.0)
+    # Settled once sum lr*lambda >= 1: 0.01 * 5 per step after the 2 warmup steps, so from step ~21 on.
+    first, last = eq["steady_state"]["settled_steps"]
+    assert 20 <= first <= 24 and last == 60
+    forms = results["adam_forms"]
+    assert eq["name"] in forms["runs"]
+    assert set(forms["closer_form"].values()) <= {"adam", "kosson"}
+    kinds = forms["measured_over_predicted"]["kosson"]
+    ratio = forms["measured_over_predicted"]["adam"]["linear"]["mean"] / kinds["linear"]["mean"]
+    assert ratio == pytest.approx(1 / theory.momentum_factor(0.9), rel=1e-6)  # the same measurement, two lines
 
 
 def test_adamc_vs_adamw_runs_differ_only_in_the_optimizer(avw):
-    out, results = avw
+    out, _ = avw
     sets = {
-        r["optimizer"]: json.loads((out / "runs" / r["name"] / "overrides.json").read_text()) for r in results["runs"]
+        opt: json.loads((out / "runs" / f"{opt.lower()}-wd2-seed0" / "overrides.json").read_text())
+        for opt in ("AdamW", "AdamC")
     }
-    diff = set(sets["AdamW"]) ^ set(sets["AdamC"])
-    assert diff == {"optimizer.type=AdamW", "optimizer.type=AdamC"}
-    adamc = [json.loads(x) for x in (out / "runs" / "adamc-wd2-seed0" / "metrics.jsonl").read_text().splitlines()]
-    adamw = [json.loads(x) for x in (out / "runs" / "adamw-wd2-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert set(sets["AdamW"]) ^ set(sets["AdamC"]) == {"optimizer.type=AdamW", "optimizer.type=AdamC"}
+    adamc, adamw = metrics(out, "adamc-wd2-seed0"), metrics(out, "adamw-wd2-seed0")
     assert adamw[-5]["weight_decay"] == pytest.approx(2.0)  # AdamW: constant lambda
     assert adamc[-5]["weight_decay"] < 0.1  # AdamC: lambda * lr_t / lr_max, near 0 at the end of the cosine
 
 
-def test_stability_flags_the_huge_lr(stab):
+def test_stability_flags_the_huge_lr_and_stops_the_ladder(stab):
     out, results = stab
     assert (out / "stability.png").stat().st_size > 10_000
+    assert results["config"]["lrs"] == [0.03, 30.0, 60.0] and results["config"]["seeds"] == [0, 1]
+    assert results["config"]["warmup_steps"] == 3
     runs = {r["name"]: r for r in results["runs"]}
-    assert set(runs) == {"baseline-lr0.01", "baseline-lr30", "qk_norm-lr0.01", "qk_norm-lr30"}
+    assert len(runs) == 2 * 2 * 3
     for variant in ("baseline", "qk_norm"):
-        assert not runs[f"{variant}-lr0.01"]["diverged"], runs[f"{variant}-lr0.01"]["reason"]
-        assert runs[f"{variant}-lr30"]["diverged"]
-        assert results["max_stable_lr"][variant] == 0.01
-        assert results["first_diverged_lr"][variant] == 30.0
-        assert results["loss_at_common_lr"][variant] == runs[f"{variant}-lr0.01"]["final_val_loss"]
-        growth = runs[f"{variant}-lr0.01"]["activations"]
+        cell = results["cells"][f"{variant}@d64"]
+        for seed in (0, 1):
+            small, huge, skipped = (runs[f"{variant}-d64-lr{lr:g}-seed{seed}"] for lr in (0.03, 30.0, 60.0))
+            assert not small["diverged"], small["reason"]
+            assert huge["diverged"] and not huge["skipped"]
+            assert skipped["skipped"] and skipped["diverged"] and not (out / "runs" / skipped["name"]).exists()
+            assert cell["per_seed"][str(seed)]["max_stable_lr"] == 0.03
+        assert cell["max_stable_lr"]["per_seed"] == [0.03, 0.03] and cell["max_stable_lr"]["spread_sqrt2_steps"] == 0
+        growth = runs[f"{variant}-d64-lr0.03-seed0"]["activations"]
         assert set(growth) >= {"attn.qkv", "attn.proj", "mlp.fc2"}
-        assert growth["mlp.fc2"]["growth"] == pytest.approx(growth["mlp.fc2"]["last"] / growth["mlp.fc2"]["first"])
-        assert results["lr_sensitivity"][variant] > 0.1  # the diverged lr counts at the initial loss
-    assert results["lr_ratio_over_qk_norm"] == {}  # neither capping nor QKV-norm was run
+        assert cell["lr_sensitivity"]["mean"] > 0.1  # the diverged and skipped lrs count at the initial loss
+    assert set(results["lr_ratio_over_qk_norm"]) == {"baseline@d64"}
+    assert results["lr_ratio_over_qk_norm"]["baseline@d64"]["per_seed"] == [1.0, 1.0]
     assert 0 < results["divergence_loss"] < math.log(512)  # the unigram entropy is below the uniform one
+    # The shared command and a run's own --set items give back that run's command.txt.
+    name = "qk_norm-d64-lr30-seed1"
+    command = shlex.split(results["command"].replace("<name>", name))
+    command += [a for item in results["run_sets"][name] for a in ("--set", item)]
+    assert command == shlex.split((out / "runs" / name / "command.txt").read_text())
 
 
-def test_divergence_rule_on_synthetic_records():
-    cfg = stability.Config(steps=10, warmup_steps=1, lrs=[0.1], common_lr=0.1)
-    good = [{"step": s, "loss": 6.0 - 0.3 * s} for s in range(1, 11)]
-    assert not stability.summarize_run(cfg, good, "baseline", 0.1, threshold=5.0)["diverged"]
-    nan = good[:5] + [{"step": s, "loss": float("nan")} for s in range(6, 11)]
-    assert "non-finite" in stability.summarize_run(cfg, nan, "baseline", 0.1, threshold=5.0)["reason"]
-    flat = [{"step": s, "loss": 5.5} for s in range(1, 11)]
-    assert "unigram" in stability.summarize_run(cfg, flat, "baseline", 0.1, threshold=5.0)["reason"]
+def ladder(lr_losses: list[tuple[float, float | None]], variant: str = "baseline", width: int = 64, seed: int = 0):
+    """Synthetic runs: (lr, final val loss) with None = diverged (non-finite); first-step loss 7."""
+    return [
+        {"variant": variant, "width": width, "seed": seed, "lr": lr, "skipped": False, "diverged": loss is None,
+         "initial_loss": 7.0, "final_val_loss": math.nan if loss is None else loss, "activations": {}}
+        for lr, loss in lr_losses
+    ]  # fmt: skip
+
+
+def test_ladder_numbers_follow_their_definitions():
+    runs = ladder([(0.01, 4.0), (0.02, 3.0), (0.04, 3.5), (0.08, None), (0.16, 4.5)])
+    stats = stability.ladder_stats(runs)
+    assert stats["max_stable_lr"] == 0.04 and stats["first_diverged_lr"] == 0.08  # 0.16 after a divergence: no
+    assert stats["best_loss"] == 3.0 and stats["best_lr"] == 0.02
+    # Wortsman: mean of min(L, L0) over the grid (the diverged lr at L0 = 7) minus the best loss.
+    assert stats["lr_sensitivity"] == pytest.approx((4.0 + 3.0 + 3.5 + 7.0 + 4.5) / 5 - 3.0)
+
+
+def test_summary_spread_over_seeds_and_widths():
+    cfg = stability.Config(variants=["baseline", "qk_norm"], widths=[64, 128], seeds=[0, 1], lrs=[0.01, 0.02, 0.04],
+                           common_lr=0.01)  # fmt: skip
+    runs = []
+    for width in (64, 128):
+        runs += ladder([(0.01, 4.0), (0.02, 3.0), (0.04, None)], "baseline", width, 0)
+        runs += ladder([(0.01, 4.1), (0.02, None), (0.04, None)], "baseline", width, 1)
+        runs += ladder([(0.01, 4.0), (0.02, 3.2), (0.04, 3.1)], "qk_norm", width, 0)
+        runs += ladder([(0.01, 4.0), (0.02, 3.3), (0.04, 3.0)], "qk_norm", width, 1)
+    summary = stability.summarize(cfg, runs)
+    base = summary["cells"]["baseline@d128"]
+    assert base["max_stable_lr"]["per_seed"] == [0.02, 0.01]
+    assert base["max_stable_lr"]["geomean"] == pytest.approx(math.sqrt(0.02 * 0.01), rel=1e-3)
+    assert base["max_stable_lr"]["spread_sqrt2_steps"] == pytest.approx(2.0)  # a factor 2 = two sqrt(2) steps
+    assert base["best_loss"] == {"loss": pytest.approx(4.05), "lr": 0.01}  # lrs stable for every seed only
+    assert summary["cells"]["qk_norm@d64"]["best_loss"] == {"loss": pytest.approx(3.05), "lr": 0.04}
+    assert summary["lr_ratio_over_qk_norm"]["baseline@d64"]["per_seed"] == [0.5, 0.25]
+    assert base["loss_at_common_lr"]["mean"] == pytest.approx(4.05)
 
 
 @pytest.mark.parametrize(
     ("name", "sets", "message"),
     [
         ("adamc-vs-adamw", ["steps=100", "warmup_steps=50"], "warmup_steps=50"),
+        ("adamc-vs-adamw", ["weight_decays=[0.1,-1]"], "weight_decays"),
         ("stability", ["lrs=[0.01]", "common_lr=0.02"], "common_lr"),
         ("stability", ["variants=[nope]"], "variants"),
+        ("stability", ["widths=[0]"], "widths"),
         ("adamc-vs-adamw", ["model=huge"], "model"),
     ],
 )
@@ -120,8 +214,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, name, sets, message):
     assert len(err.splitlines()) == 1 and message in err
 
 
-def test_plans_are_what_the_docs_say():
-    cfg = adamc_vs_adamw.Config()
-    assert len(adamc_vs_adamw.plan(cfg)) == 2 * cfg.seeds + 2 * cfg.sweep_seeds * len(cfg.sweep_weight_decays)
-    assert cfg.lr * cfg.weight_decay * cfg.steps == pytest.approx(6.0)
-    assert set(stability.Config().variants) == set(stability.VARIANTS)
+def test_default_plans_are_what_the_issue_asks():
+    avw = adamc_vs_adamw.Config()
+    assert len(avw.weight_decays) >= 4 and max(avw.weight_decays) / min(avw.weight_decays) >= 10 and avw.seeds >= 3
+    stab = stability.Config()
+    lrs = sorted(stab.lrs)
+    assert max(b / a for a, b in zip(lrs, lrs[1:], strict=False)) <= math.sqrt(2) * 1.01  # 3-digit rounding
+    assert lrs[-1] / lrs[0] >= 100 and len(stab.seeds) >= 2 and len(stab.widths) >= 2
+    assert stab.min_lr_ratio < 1 and stab.warmup_steps > 0  # warmup, then a cosine decay

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from megatron_adamc.core import fp8
+from megatron_adamc.core import fp8, theory
 from megatron_adamc.core.norms import cosine, layer_of, log_change, unclip_factor, zscore
 from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.tracking import TrackingConfig, tensorboard_tag, write_tensorboard
@@ -124,3 +124,67 @@ def test_sinks_jsonl_and_tensorboard(tmp_path) -> None:
     tags = set(events.Tags()["scalars"])
     assert tags == {"layers.0/grad_norm/mlp.fc1.weight", "loss"}
     assert events.Scalars("layers.0/grad_norm/mlp.fc1.weight")[0].value == 0.5
+
+
+# ---------------------------------------------------------------- theory: the predictions, by hand and by simulation
+def test_prediction_forms_by_hand() -> None:
+    # sqrt(2 * 0.1 / 1e-3) = sqrt(200); AdamC at half the peak lr: lambda_t = 0.05, sqrt(2 * 0.05 / 5e-4) = sqrt(200).
+    assert theory.sgd_grad_weight_ratio(0.1, 1e-3) == pytest.approx(14.142135623730951)
+    assert theory.sgd_grad_weight_ratio(0.1, 5e-4, lr_max=1e-3) == pytest.approx(14.142135623730951)
+    assert theory.sgd_grad_weight_ratio(0.1, 5e-4) == pytest.approx(20.0)  # plain decay: sqrt(2 * 0.1 / 5e-4)
+    assert theory.adam_normalized_update_ratio(0.1, 5e-4) == pytest.approx(20.0)
+    assert theory.momentum_factor(0.9) == pytest.approx(4.358898943540674)  # sqrt(19)
+    assert theory.momentum_factor(0.0) == 1.0
+    assert theory.kosson_normalized_update_ratio(0.1, 1e-3, 0.9) == pytest.approx(3.244428422615251)  # sqrt(200/19)
+    # Kosson's angular update per step is the same prediction times the lr.
+    assert theory.adam_update_weight_ratio(0.1, 1e-3, 0.9) == pytest.approx(3.244428422615251e-3)
+    with pytest.raises(ValueError, match="beta1"):
+        theory.momentum_factor(1.0)
+
+
+def test_integrated_decay_and_the_matched_adamw_lambda() -> None:
+    lrs = [1.0, 2.0, 3.0]
+    assert theory.integrated_decay(lrs, 0.5) == pytest.approx(3.0)  # 0.5 * (1 + 2 + 3)
+    assert theory.integrated_decay(lrs, 0.5, lr_max=3.0) == pytest.approx(0.5 * 14 / 3)  # 0.5 * (1 + 4 + 9) / 3
+    assert theory.matched_adamw_decay(lrs, 0.5, lr_max=3.0) == pytest.approx(0.5 * 14 / 3 / 6)
+    # A cosine to zero: AdamC's integrated decay is 3/4 of AdamW's at the same lambda, (3/8) / (1/2).
+    cosine = [0.5 * (1 + math.cos(math.pi * t / 10000)) for t in range(10000)]
+    assert theory.matched_adamw_decay(cosine, 1.0, lr_max=1.0) == pytest.approx(0.75, abs=1e-3)
+
+
+def test_layer_types() -> None:
+    assert theory.layer_type("layers.3.attn.qkv.weight") == "linear"
+    assert theory.layer_type("layers.0.mlp.fc2.weight") == "linear"
+    assert theory.layer_type("tok_embeddings.weight") == "embedding"
+    assert theory.layer_type("output.weight") == "output"
+    assert theory.layer_type("layers.1.attn_norm.weight") == "norm"
+    assert theory.layer_type("layers.1.attn.q_norm.weight") == "norm"
+    assert theory.layer_type("norm.weight") == "norm"
+
+
+def _normalized_update_at_equilibrium(beta1: float, orthogonal_update: bool) -> float:
+    """x <- (1 - lr lam) x - lr m, m the momentum of fresh unit-RMS directions orthogonal to x (gradient noise);
+    optionally m itself projected orthogonal to x. Mean ||dx|| / (lr ||x||) over the second half of the run."""
+    gen = torch.Generator().manual_seed(0)
+    lr, lam, d, steps = 0.02, 0.5, 1000, 2000  # lr * lam * steps = 20: settled by the second half
+    x, m, values = torch.randn(d, generator=gen, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), []
+    for t in range(steps):
+        g = torch.randn(d, generator=gen, dtype=torch.float64)
+        g -= (g @ x) / (x @ x) * x
+        m = beta1 * m + (1 - beta1) * g * math.sqrt(d) / g.norm()
+        u = m - (m @ x) / (x @ x) * x if orthogonal_update else m
+        new = (1 - lr * lam) * x - lr * u
+        if t >= steps // 2:
+            values.append(((new - x).norm() / (lr * x.norm())).item())
+        x = new
+    return sum(values) / len(values) / theory.adam_normalized_update_ratio(lam, lr)
+
+
+def test_each_adam_form_holds_in_its_own_regime() -> None:
+    """Measured over Defazio's Adam form at equilibrium: exactly 1 when the update is orthogonal to x (decay term
+    included: the lambda^2 terms cancel); 1/sqrt((1+b1)/(1-b1)) (Kosson) when momentum averages uncorrelated gradient
+    noise, so that the update leans on past directions that already moved x."""
+    assert _normalized_update_at_equilibrium(0.9, orthogonal_update=True) == pytest.approx(1.0, rel=1e-3)
+    kosson = 1 / theory.momentum_factor(0.9)
+    assert _normalized_update_at_equilibrium(0.9, orthogonal_update=False) == pytest.approx(kosson, rel=0.02)
+    assert _normalized_update_at_equilibrium(0.0, orthogonal_update=False) == pytest.approx(1.0, rel=1e-3)

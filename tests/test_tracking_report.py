@@ -1,4 +1,4 @@
-"""``megatron-adamc report`` on synthetic AdamW and AdamC runs whose ratios follow the theory."""
+"""``megatron-adamc report`` on synthetic AdamW, AdamC and SGD runs whose ratios follow the theory."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from megatron_adamc.cli import report as report_cli
-from megatron_adamc.core.theory import sgd_grad_weight_ratio
+from megatron_adamc.core import theory
 from megatron_adamc.errors import UserError
 from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.tracking.report import load_run
 
 
 def main(argv: list[str]) -> int:
@@ -24,33 +25,52 @@ def main(argv: list[str]) -> int:
     return args.func(args)
 
 
-LAYERS = [f"layers.{i}.{m}.weight" for i in range(4) for m in ("attn.qkv", "mlp.fc2")]
+LAYERS = [f"layers.{i}.{m}.weight" for i in range(4) for m in ("attn.qkv", "mlp.fc2")] + [
+    "tok_embeddings.weight",
+    "output.weight",
+]
+BETA1 = 0.9
 
 
-def synthetic_run(path: Path, adamc: bool, steps: int = 400, interval: int = 10, seed: int = 0) -> Path:
-    """Cosine lr from 1e-3; each layer's measured ratio relaxes toward the predicted one, with noise."""
+def synthetic_run(path: Path, optimizer: str, steps: int = 400, interval: int = 10, seed: int = 0) -> Path:
+    """Cosine lr from 1e-3; each layer's measured ratio relaxes toward the line of the form that holds for its
+    optimizer (SGD: the SGD form of ||g||/||x||; Adam: Kosson's normalized update), with noise."""
     rng = random.Random(seed)
     path.mkdir(parents=True)
     metrics = MetricsFile(path)
-    lam, lr_max = 0.1, 1e-3
-    ratios = {name: 0.5 * sgd_grad_weight_ratio(lam, lr_max) for name in LAYERS}
+    lam, lr_max, adamc = 0.1, 1e-3, optimizer == "adamc"
+    kosson = optimizer != "sgd"
+    truth = theory.kosson_normalized_update_ratio if kosson else None
+
+    def line(lr: float) -> float:
+        cap = lr_max if adamc else None
+        return truth(lam, lr, BETA1, cap) if truth else theory.sgd_grad_weight_ratio(lam, lr, cap)
+
+    ratios = dict.fromkeys(LAYERS, 0.5 * line(lr_max))
     for step in range(steps):
         lr = lr_max * 0.5 * (1 + math.cos(math.pi * step / steps)) + 1e-5
         row: dict = {"step": step, "loss": 4.0 * math.exp(-step / 150) + 2.0 + 0.02 * rng.random(), "lr": lr}
         row["weight_decay"] = lam * lr / lr_max if adamc else lam
         grad_norm = 0.0
         for name in LAYERS:
-            predicted = sgd_grad_weight_ratio(lam, lr, lr_max if adamc else None)
-            ratios[name] += 0.05 * (predicted - ratios[name])
+            ratios[name] += 0.05 * (line(lr) - ratios[name])
             weight = 10.0 + 5.0 * math.sin(step / 80)
-            grad_norm += (ratios[name] * weight) ** 2
+            grad_norm += (0.01 * weight) ** 2
             if step % interval == 0:
+                measured = ratios[name] * (1 + 0.03 * rng.gauss(0, 1))
                 row[f"weight_norm/{name}"] = weight
-                row[f"grad_norm/{name}"] = ratios[name] * weight
-                row[f"grad_weight_ratio/{name}"] = ratios[name] * (1 + 0.03 * rng.gauss(0, 1))
-                row[f"predicted_ratio/{name}"] = predicted
-                row[f"update_weight_ratio/{name}"] = math.sqrt(lr * lam) * (1 + 0.05 * rng.random())
-                row[f"predicted_update_ratio/{name}"] = math.sqrt(2 * lr * row["weight_decay"] * 0.1 / 1.9)
+                row[f"grad_norm/{name}"] = 0.01 * weight
+                row[f"cos_weight_grad/{name}"] = 0.01 * rng.gauss(0, 1)
+                if kosson:
+                    cap = lr_max if adamc else None
+                    row[f"grad_weight_ratio/{name}"] = 0.01
+                    row[f"update_weight_ratio/{name}"] = measured * lr
+                    row[f"normalized_update_ratio/{name}"] = measured
+                    row[f"predicted_adam_ratio/{name}"] = theory.adam_normalized_update_ratio(lam, lr, cap)
+                    row[f"predicted_kosson_ratio/{name}"] = line(lr)
+                else:
+                    row[f"grad_weight_ratio/{name}"] = measured
+                    row[f"predicted_ratio/{name}"] = line(lr)
                 module = name.removesuffix(".weight")
                 row[f"act_rms/{module}"] = 1.0 + step / steps * (2 if adamc else 4)
         if step % interval == 0:
@@ -69,32 +89,78 @@ def synthetic_run(path: Path, adamc: bool, steps: int = 400, interval: int = 10,
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    adamw = synthetic_run(root / "adamw", adamc=False)
-    adamc = synthetic_run(root / "adamc", adamc=True, seed=1)
+    runs = [synthetic_run(root / name, name, seed=i) for i, name in enumerate(("adamw", "adamc", "sgd"))]
     out = root / "report"
-    assert main(["report", str(adamw), str(adamc), "--output", str(out)]) == 0
+    assert main(["report", *map(str, runs), "--output", str(out)]) == 0
     return out
 
 
+def summary_rows(summary: str, header: str) -> dict[str, list[str]]:
+    """The rows of the table whose header starts with ``header``, by their first cell (+ second, if not a number)."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        key = cells[0] if header.startswith("| run | steps") else f"{cells[0]} {cells[1]}"
+        rows[key] = cells
+    return rows
+
+
 def test_report_writes_every_figure(report: Path) -> None:
-    for name in ("loss", "grad_norm", "ratio", "update_ratio", "weight_norms", "max_logit", "act_rms", "fp8_overflow"):
+    figures = ("loss", "grad_norm", "ratio", "normalized_update", "weight_norms", "max_logit", "act_rms")
+    for name in (*figures, "fp8_overflow"):
         png = report / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert png.stat().st_size > 10_000, name  # a blank canvas is smaller
 
 
-def test_summary_compares_runs(report: Path) -> None:
+def test_summary_uses_the_form_of_each_optimizer(report: Path) -> None:
     summary = (report / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| adamw") or line.startswith("| adamc")]
-    assert len(rows) == 2
-    gap = {row.split("|")[1].strip(): float(row.split("|")[7]) for row in rows}
-    # AdamC sits on its flat line; under AdamW the prediction runs away at the end and the layers lag behind it.
-    assert gap["adamc"] == pytest.approx(1.0, abs=0.1)
-    assert 0.5 < gap["adamw"] < 0.9
-    assert "![Per-layer ||g||/||x||" in summary and "## Spikes" in summary
-    logit = {row.split("|")[1].strip(): float(row.split("|")[8]) for row in rows}
+    rows = summary_rows(summary, "| run | steps")
+    assert set(rows) == {"adamw", "adamc", "sgd"}
+    assert [rows[r][6] for r in ("adamw", "adamc", "sgd")] == ["Adam", "Adam", "SGD"]
+    sgd, adam, kosson = ({r: cells[7 + i] for r, cells in rows.items()} for i in range(3))
+    # Each run is compared only with the forms of its own optimizer.
+    assert sgd["adamw"] == sgd["adamc"] == "-" and adam["sgd"] == kosson["sgd"] == "-"
+    # AdamC sits on Kosson's flat line, so 1/sqrt(19) of Defazio's Adam form.
+    assert float(kosson["adamc"]) == pytest.approx(1.0, abs=0.1)
+    assert float(adam["adamc"]) == pytest.approx(1 / theory.momentum_factor(BETA1), rel=0.1)
+    # Under plain decay (AdamW, SGD) the prediction runs away at the end of the cosine and the layers lag behind it.
+    assert 0.5 < float(kosson["adamw"]) < 0.9 and 0.5 < float(sgd["sgd"]) < 0.9
+    assert "![Per-layer normalized update" in summary and "## Spikes" in summary
+    assert theory.ADAM_FORM in summary and theory.KOSSON_FORM in summary and theory.SGD_FORM in summary
     # The largest logit: layer 3 at the last tracked step (3 significant digits in the table).
+    logit = {r: float(cells[10]) for r, cells in rows.items() if r != "sgd"}
     assert logit == pytest.approx({"adamw": 8.0 + 30 * 390 / 400, "adamc": 8.0 + 3 * 390 / 400}, rel=5e-3)
+
+
+def test_summary_by_layer_type(report: Path) -> None:
+    rows = summary_rows((report / "summary.md").read_text(), "| run | form |")
+    assert set(rows) == {"adamw adam", "adamw kosson", "adamc adam", "adamc kosson", "sgd sgd"}
+    linear, embedding, output = (float(c) for c in rows["adamc kosson"][2:5])
+    assert linear == pytest.approx(1.0, abs=0.1) and embedding == pytest.approx(1.0, abs=0.15)
+    assert output == pytest.approx(1.0, abs=0.15)
+
+
+def test_legacy_adam_rows_are_read_as_adam_forms(tmp_path: Path) -> None:
+    """A run tracked before the Adam forms: the SGD form under predicted_ratio, Kosson's angular update under
+    predicted_update_ratio. The report turns them into the two Adam forms of the normalized update."""
+    lr, name = 1e-3, "layers.0.mlp.fc2.weight"
+    row = {"step": 10, "loss": 3.0, "lr": lr, "update_weight_ratio/" + name: 2e-3, "grad_weight_ratio/" + name: 0.01}
+    row["predicted_ratio/" + name] = theory.sgd_grad_weight_ratio(0.1, lr)
+    row["predicted_update_ratio/" + name] = theory.adam_update_weight_ratio(0.1, lr, BETA1)
+    (tmp_path / "old").mkdir()
+    MetricsFile(tmp_path / "old").append(row)
+    run = load_run(tmp_path / "old")
+    upgraded = run.rows[0]
+    assert "predicted_ratio/" + name not in upgraded
+    assert upgraded["normalized_update_ratio/" + name] == pytest.approx(2.0)
+    assert upgraded["predicted_adam_ratio/" + name] == pytest.approx(theory.adam_normalized_update_ratio(0.1, lr))
+    kosson = theory.kosson_normalized_update_ratio(0.1, lr, BETA1)
+    assert upgraded["predicted_kosson_ratio/" + name] == pytest.approx(kosson)
 
 
 def test_missing_metrics_is_a_one_line_error(tmp_path: Path) -> None:

@@ -113,6 +113,18 @@ class RunQueue:
         self.count = 0
         self._seen: tuple[str, int, float] | None = None
 
+    def shared_command(self) -> str:
+        """The part of every run's command that is the same for all runs (``<name>`` stands for the run's name);
+        with a run's own ``--set`` list (``run_sets``) it is that run's ``command.txt``. Large sweeps store this
+        once instead of a full command per run."""
+        cmd = ["python", "-m", "megatron_adamc.cli", "train", "--config", str(self.base)]
+        cmd += ["--output-dir", str(self.runs_dir / "<name>")] + [a for s in self.common for a in ("--set", s)]
+        return shlex.join(cmd)
+
+    def run_sets(self, name: str) -> list[str]:
+        """The run's own ``--set`` items (after the shared ones), from its saved overrides."""
+        return json.loads((self.runs_dir / name / "overrides.json").read_text())[len(self.common) :]
+
     def run(self, name: str, overrides: list[str], steps: int, total_runs: int) -> list[dict[str, Any]]:
         """Train (or reuse) run ``name`` with the common overrides plus ``overrides``; return its metrics records."""
         self.count += 1

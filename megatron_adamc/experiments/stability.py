@@ -1,12 +1,15 @@
-"""Learning-rate sweeps of the stability methods on the tiny Llama: which lr does each survive, at what loss?
+"""Learning-rate sweeps of the stability methods, the way the small-scale-proxy papers run them: warmup then cosine
+decay, a fine lr grid (factor sqrt(2), over two decades), several seeds per cell and two model widths.
 
-Variants (Rybakov et al. arXiv 2410.16682; Takase et al. arXiv 2312.16903): the baseline; QK-norm; QK-norm + tanh
-softmax capping; QKV-norm with the attention pre-norm removed; norms after QK, Proj and FC2 (Rybakov's method 1);
-scaled embeddings + small init. Each runs a constant lr (after a short warmup) on a log grid. A run has diverged
-when its loss goes non-finite, or its final loss is no better than the unigram entropy of the training tokens (the
-loss of predicting token frequencies alone: everything learned is lost), or above its first-step loss. The RMS of
-the QKV, Proj and FC2 outputs is tracked, since Rybakov et al. see them grow step by step before a divergence.
-A grid's largest stable lr is coarse (a factor 2 here), so Wortsman et al.'s LR sensitivity is reported beside it.
+Variants (Rybakov et al. arXiv 2410.16682; Takase et al. arXiv 2312.16903; Wortsman et al. arXiv 2309.14322): the
+baseline; QK-norm; QK-norm + tanh softmax capping (method 3); QKV-norm with the attention pre-norm removed (method 2);
+norms after QK, Proj and FC2 (method 1); scaled embeddings + small init. A run has diverged when its loss goes
+non-finite, or climbs after warmup (10-step mean) above its first-step loss L0 (everything learned is lost; under a
+cosine decay such a run may later recover part of it, so the final loss alone misses it), or ends above the unigram
+entropy of the training tokens. Per variant and width: the largest stable lr of each seed (the largest grid lr with
+it and every smaller lr stable) and its spread, Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0:
+the loss at initialization), and the best loss. A ladder (variant, width, seed) stops after ``skip_after_diverged``
+consecutive diverged lrs: the lrs above count as diverged, at L0.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from megatron_adamc.errors import UserError
-from megatron_adamc.experiments._figure import save_figure
-from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, series, window_mean
+from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, mean_std, series, window_mean
 
-HEADLINE_KEYS = ("max_stable_lr", "loss_at_common_lr", "lr_ratio_over_qk_norm", "lr_sensitivity")
+HEADLINE_KEYS = ("max_stable_lr", "lr_sensitivity", "best_loss")
 VariantName = Literal["baseline", "qk_norm", "qk_norm_cap", "qkv_norm", "qk_proj_fc2_norm", "scaled_embed"]
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -33,27 +35,42 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qk_proj_fc2_norm": {"qk_norm": True, "post_proj_norm": True, "post_fc2_norm": True},
     "scaled_embed": {"embedding_scale": "sqrt_d", "init": "small"},
 }
+DEFAULT_VARIANTS = ["baseline", "qk_norm", "qk_norm_cap", "qkv_norm"]
 ACTIVATIONS = ("attn.qkv", "attn.proj", "mlp.fc2")
-FINAL_FRACTION = 0.1  # the final loss is the mean over the last 10% of steps: one step is too noisy
+FINAL_FRACTION = 0.1  # the final train loss is the mean over the last 10% of steps: one step is too noisy
+SPIKE_WINDOW = 10  # a run whose loss, averaged over this many steps after warmup, climbs above L0 has diverged
+
+
+def sqrt2_grid(first: int, last: int) -> list[float]:
+    """1e-3 * sqrt(2)^k for k = first..last, to 3 significant digits: one fixed ladder, so grids overlap exactly."""
+    return [float(f"{1e-3 * 2 ** (k / 2):.3g}") for k in range(first, last + 1)]
 
 
 class Config(LlmConfig):
-    """Defaults: 6 variants x 7 lrs x 200 steps, ~16 minutes on 2 CPU cores (about 22 s a run)."""
+    """Defaults: 4 variants x 2 widths x 19 lrs (0.00283 to 1.45, factor sqrt(2)) x 2 seeds = 304 runs of 200 steps,
+    fewer with the ladders cut after two diverged lrs; about 70 minutes on 2 idle CPU cores (~15 s a run)."""
 
-    variants: list[VariantName] = Field(default_factory=lambda: list(VARIANTS))
+    variants: list[VariantName] = Field(default_factory=lambda: list(DEFAULT_VARIANTS), min_length=1)
+    widths: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, description="model dims d")
+    ffn_ratio: float = Field(3.0, gt=0, description="ffn_dim = ffn_ratio * d")
     lrs: list[float] = Field(
-        default_factory=lambda: [1e-2, 2e-2, 4e-2, 8e-2, 0.16, 0.32, 0.64], min_length=1, description="a factor-2 grid"
+        default_factory=lambda: sqrt2_grid(3, 21), min_length=1, description="peak lrs; default 0.00283 to 1.45"
     )
-    common_lr: float | None = Field(2e-2, gt=0, description="the lr whose losses are compared; default: one of lrs")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    common_lr: float | None = Field(0.016, gt=0, description="the lr whose losses and activations are compared")
     steps: int = Field(200, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0, description="AdamW; constant lr, so AdamC would be identical")
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1, description="cosine down to this share of the peak")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW")
     softmax_cap: float = Field(20.0, gt=0, description="qk_norm_cap's tanh cap of the attention logits")
     divergence_loss: float | None = Field(
         None, gt=0, description="final loss above this = diverged; default: the unigram entropy of the train tokens"
     )
+    skip_after_diverged: int = Field(
+        2, ge=0, description="stop a ladder after this many diverged lrs in a row (0: never)"
+    )
     tracking_interval: int = Field(10, gt=0)
-    seed: int = 0
+    eval_batches: int = Field(8, gt=0)
 
     @model_validator(mode="after")
     def _fits(self) -> Config:
@@ -63,27 +80,30 @@ class Config(LlmConfig):
             raise ValueError(f"lrs={self.lrs}: every lr must be positive")
         if self.common_lr is not None and self.common_lr not in self.lrs:
             raise ValueError(f"common_lr={self.common_lr} is not one of lrs={self.lrs}")
+        if any(w <= 0 for w in self.widths):
+            raise ValueError(f"widths={self.widths}: every width must be positive")
         return self
 
 
-def run_name(variant: str, lr: float) -> str:
-    return f"{variant}-lr{lr:g}"
+def run_name(variant: str, width: int, lr: float, seed: int) -> str:
+    return f"{variant}-d{width}-lr{lr:g}-seed{seed}"
 
 
-def overrides(cfg: Config, variant: str, lr: float) -> list[str]:
-    model = dict(VARIANTS[variant])
+def overrides(cfg: Config, variant: str, width: int, lr: float, seed: int) -> list[str]:
+    model = {"dim": width, "ffn_dim": round(cfg.ffn_ratio * width), **VARIANTS[variant]}
     if variant == "qk_norm_cap":
         model["softmax_cap"] = cfg.softmax_cap
     sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in model.items()]
     return sets + [
-        f"seed={cfg.seed}",
+        f"seed={seed}",
         "optimizer.type=AdamW",
         f"optimizer.lr={lr}",
         f"optimizer.weight_decay={cfg.weight_decay}",
-        "scheduler.type=constant",
+        "scheduler.type=cosine",
         f"scheduler.warmup_steps={cfg.warmup_steps}",
+        f"scheduler.min_lr={cfg.min_lr_ratio * lr}",
         f"eval.interval={cfg.steps}",
-        "eval.batches=8",
+        f"eval.batches={cfg.eval_batches}",
         "tracking.enabled=true",
         f"tracking.interval={cfg.tracking_interval}",
         "tracking.activations=true",
@@ -111,7 +131,7 @@ def unigram_entropy(data_cache_dir: str) -> float:
 
 def activation_growth(records: list[dict[str, Any]], stop_step: int) -> dict[str, dict[str, float]]:
     """Per output kind (qkv/proj/fc2): the largest RMS over layers at the first tracked step and at the last finite
-    tracked step up to ``stop_step``, and their ratio (the growth before a divergence)."""
+    tracked step up to ``stop_step``, and their ratio (the growth before a divergence); the max attention logit."""
     out = {}
     tracked = [r for r in records if r["step"] <= stop_step and any(k.startswith("act_rms/") for k in r)]
     for kind in ACTIVATIONS:
@@ -135,141 +155,193 @@ def activation_growth(records: list[dict[str, Any]], stop_step: int) -> dict[str
 
 
 def summarize_run(cfg: Config, records: list[dict[str, Any]], variant: str, lr: float, threshold: float) -> dict:
-    """Diverged or not, and why; the final losses; the activation growth up to the divergence."""
+    """Diverged or not, and why; the first-step loss (L0) and the final losses; the activation growth."""
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     bad = next((s for s, v in losses if v is None or not math.isfinite(v)), None)
     final = window_mean(records, "loss", 1.0 - FINAL_FRACTION, 1.0, cfg.steps)
     initial = losses[0][1]
+    after = [v for s, v in losses if s > cfg.warmup_steps]
+    spike = max(
+        (sum(after[i : i + SPIKE_WINDOW]) / SPIKE_WINDOW for i in range(len(after) - SPIKE_WINDOW + 1)),
+        default=math.nan,
+    )
     reason = None
     if bad is not None or not math.isfinite(final):
         reason = f"non-finite loss at step {bad}"
-    elif final > initial:
-        reason = f"final loss {final:.3f} above the first step's {initial:.3f}"
+    elif spike > initial:
+        reason = (
+            f"loss ({SPIKE_WINDOW}-step mean) rose to {spike:.3f} after warmup, above the first step's {initial:.3f}"
+        )
     elif final > threshold:
         reason = f"final loss {final:.3f} above the unigram level {threshold:.3f}"
     val_steps, val = series(records, "val_loss")
-    after = [v for s, v in losses if s > cfg.warmup_steps and not math.isnan(v)]
     return {
-        "name": run_name(variant, lr),
         "variant": variant,
         "lr": lr,
+        "skipped": False,
         "diverged": reason is not None,
         "reason": reason,
         "initial_loss": initial,
         "final_train_loss": final,
-        "final_val_loss": val[-1] if val else math.nan,
-        "max_loss_after_warmup": max(after) if after else math.nan,
+        "final_val_loss": val[-1] if val and math.isfinite(val[-1]) else math.nan,
+        "max_loss_after_warmup": spike,
         "activations": activation_growth(records, (bad - 1) if bad is not None else cfg.steps),
     }
 
 
-def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant: the largest lr of the grid below which no run diverged, the loss at the common lr, and the
-    activation growth at that lr and at the first diverging lr; then the ratios the papers state."""
-    common = cfg.common_lr if cfg.common_lr is not None else sorted(cfg.lrs)[len(cfg.lrs) // 2]
-    max_stable, first_diverged, loss_common, growth, sensitivity = {}, {}, {}, {}, {}
-    for variant in cfg.variants:
-        grid = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["lr"])
-        # Wortsman et al.'s LR sensitivity: mean over the grid of min(final, initial loss) minus the best final loss.
-        capped = [min(r["final_train_loss"], r["initial_loss"]) if math.isfinite(r["final_train_loss"]) else
-                  r["initial_loss"] for r in grid]  # fmt: skip
-        sensitivity[variant] = sum(capped) / len(capped) - min(capped)
-        stable = None
-        for r in grid:  # the largest lr with every smaller lr stable too
-            if r["diverged"]:
-                first_diverged[variant] = r["lr"]
-                break
-            stable = r["lr"]
-        max_stable[variant] = stable
-        at = next((r for r in grid if r["lr"] == common), None)
-        loss_common[variant] = None if at is None or at["diverged"] else at["final_val_loss"]
-        worst = next((r for r in grid if r["diverged"]), grid[-1])
-        growth[variant] = {
-            "at_common_lr": at["activations"] if at else None,
-            "at_first_diverged_or_largest_lr": {"lr": worst["lr"], **worst["activations"]},
-        }
-    ratio = {}
-    base = max_stable.get("qk_norm")
-    for variant in ("qk_norm_cap", "qkv_norm", "qk_proj_fc2_norm"):
-        if variant in max_stable and base and max_stable[variant]:
-            ratio[variant] = max_stable[variant] / base
+def skipped_run(variant: str, width: int, lr: float, seed: int, initial: float, limit: int) -> dict[str, Any]:
     return {
-        "common_lr": common,
-        "max_stable_lr": max_stable,
-        "first_diverged_lr": {v: first_diverged.get(v) for v in cfg.variants},
-        "loss_at_common_lr": loss_common,
-        "lr_ratio_over_qk_norm": ratio,
-        "lr_sensitivity": sensitivity,
-        "activation_growth": growth,
-        "grid_note": "max_stable_lr is the largest grid lr with every lr up to it stable; None: even the smallest "
-        "diverged; equal to the largest lr: nothing diverged, the limit is above the grid",
+        "name": run_name(variant, width, lr, seed),
+        "variant": variant,
+        "width": width,
+        "seed": seed,
+        "lr": lr,
+        "skipped": True,
+        "diverged": True,
+        "reason": f"not run: the {limit} lrs below diverged",
+        "initial_loss": initial,
+        "final_train_loss": math.nan,
+        "final_val_loss": math.nan,
+        "activations": {},
     }
 
 
-def plot(cfg: Config, curves: dict[str, list[dict]], runs: list[dict], summary: dict, threshold: float, path: Path):
-    """Final loss vs lr per variant (x = diverged), and the largest QKV/Proj/FC2 output RMS over steps at the
-    largest lr (solid) and the common lr (dashed)."""
-    import matplotlib
+def ladder_stats(ladder: list[dict[str, Any]]) -> dict[str, Any]:
+    """One (variant, width, seed) ladder sorted by lr: largest stable lr, Wortsman's LR sensitivity, best loss."""
+    stable = None
+    for r in ladder:
+        if r["diverged"]:
+            break
+        stable = r["lr"]
+    l0 = sum(r["initial_loss"] for r in ladder) / len(ladder)
+    losses = [r["final_val_loss"] for r in ladder]
+    capped = [min(v, l0) if math.isfinite(v) else l0 for v in losses]  # a run that was not run, or blew up: L0
+    best = min(capped)
+    return {
+        "max_stable_lr": stable,
+        "first_diverged_lr": next((r["lr"] for r in ladder if r["diverged"]), None),
+        "lr_sensitivity": sum(capped) / len(capped) - best,
+        "best_loss": best,
+        "best_lr": ladder[capped.index(best)]["lr"],
+        "initial_loss": l0,
+    }
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    colors = dict(zip(VARIANTS, plt.get_cmap("tab10").colors, strict=False))
-    ax = axes[0, 0]
-    for variant in cfg.variants:
-        grid = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["lr"])
-        lrs = [r["lr"] for r in grid]
-        finals = [r["final_train_loss"] if math.isfinite(r["final_train_loss"]) else threshold + 1.0 for r in grid]
-        ax.plot(lrs, finals, "-", color=colors[variant], lw=1, label=variant)
-        for r, y in zip(grid, finals, strict=True):
-            ax.plot(r["lr"], y, "x" if r["diverged"] else "o", color=colors[variant], ms=7 if r["diverged"] else 4)
-    ax.axhline(threshold, color="0.4", ls=":", lw=1, label=f"unigram level {threshold:.2f} (divergence)")
-    ax.set(xscale="log", xlabel="lr (constant)", ylabel=f"train loss, mean of last {FINAL_FRACTION:.0%}")
-    ax.set_title(f"final loss vs lr ({cfg.steps} steps; x = diverged)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    top, common = max(cfg.lrs), summary["common_lr"]
-    for ax, kind in zip(axes.flat[1:], ACTIVATIONS, strict=True):
+def _log_spread(values: list[float]) -> dict[str, Any]:
+    """Geometric mean, min, max of positive values, and their spread in grid steps of sqrt(2)."""
+    logs = [math.log(v) for v in values]
+    return {
+        "geomean": float(f"{math.exp(sum(logs) / len(logs)):.4g}"),
+        "min": min(values),
+        "max": max(values),
+        "spread_sqrt2_steps": round((max(logs) - min(logs)) / math.log(math.sqrt(2)), 6),
+        "per_seed": values,
+    }
+
+
+def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant and width (key ``variant@d<width>``): per-seed ladder numbers and their spread; the best loss of
+    the seed-averaged curve; the loss at the common lr; activation growth; and lr ratios over QK-norm per seed."""
+    cells: dict[str, Any] = {}
+    ratios: dict[str, Any] = {}
+    for width in cfg.widths:
+        per_variant_seed: dict[tuple[str, int], Any] = {}
         for variant in cfg.variants:
-            for lr, style in ((top, "-"), (common, "--")):
-                records = curves.get(run_name(variant, lr), [])
-                pts = []
-                for r in records:
-                    vals = [v for k, v in r.items() if k.startswith("act_rms/") and k.endswith(kind)]
-                    if vals and all(math.isfinite(v) for v in vals):
-                        pts.append((r["step"], max(vals)))
-                if pts:
-                    label = variant if style == "-" else None
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[variant], lw=1, label=label)
-        ax.set(yscale="log", xlabel="step", title=f"max over layers of RMS({kind} output): lr {top:g} -, {common:g} --")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, path, f"Stability methods, model={cfg.model}, AdamW wd={cfg.weight_decay:g}, seed {cfg.seed}")
+            key = f"{variant}@d{width}"
+            seeds = {}
+            for seed in cfg.seeds:
+                ladder = sorted(
+                    (r for r in runs if (r["variant"], r["width"], r["seed"]) == (variant, width, seed)),
+                    key=lambda r: r["lr"],
+                )
+                seeds[seed] = ladder_stats(ladder)
+                per_variant_seed[variant, seed] = seeds[seed]["max_stable_lr"]
+            stable = [s["max_stable_lr"] for s in seeds.values()]
+            by_lr: dict[float, list[float]] = {}
+            for r in runs:
+                if (r["variant"], r["width"]) == (variant, width) and not r["diverged"]:
+                    by_lr.setdefault(r["lr"], []).append(r["final_val_loss"])
+            curve = {lr: sum(v) / len(v) for lr, v in by_lr.items() if len(v) == len(cfg.seeds)}
+            best_lr = min(curve, key=curve.get) if curve else None
+            common = [r for r in runs if (r["variant"], r["width"], r["lr"]) == (variant, width, cfg.common_lr)]
+            common_ok = bool(common) and not any(r["diverged"] for r in common)
+            cells[key] = {
+                "variant": variant,
+                "width": width,
+                "max_stable_lr": _log_spread(stable) if all(stable) else {"per_seed": stable},
+                "lr_sensitivity": mean_std([s["lr_sensitivity"] for s in seeds.values()]),
+                "best_loss": {"loss": curve[best_lr], "lr": best_lr} if best_lr else None,
+                "best_loss_per_seed": mean_std([s["best_loss"] for s in seeds.values()]),
+                "loss_at_common_lr": mean_std([r["final_val_loss"] for r in common]) if common_ok else None,
+                "per_seed": {str(s): v for s, v in seeds.items()},
+                "activations_at_common_lr": next((r["activations"] for r in common if r["seed"] == cfg.seeds[0]), None),
+            }
+        if "qk_norm" in cfg.variants:
+            for variant in cfg.variants:
+                pairs = [(per_variant_seed[variant, s], per_variant_seed["qk_norm", s]) for s in cfg.seeds]
+                if variant != "qk_norm" and all(a and b for a, b in pairs):
+                    ratios[f"{variant}@d{width}"] = mean_std([a / b for a, b in pairs]) | {
+                        "per_seed": [a / b for a, b in pairs]
+                    }
+    return {"cells": cells, "lr_ratio_over_qk_norm": ratios}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The per-cell figures the CLI prints: geometric-mean max stable lr, sensitivity mean, best loss."""
+    cells = summary["cells"]
+    return {
+        "max_stable_lr": {k: c["max_stable_lr"].get("geomean") for k, c in cells.items()},
+        "lr_sensitivity": {k: round(c["lr_sensitivity"]["mean"], 4) for k, c in cells.items()},
+        "best_loss": {k: c["best_loss"] for k, c in cells.items()},
+    }
 
 
 def run(cfg: Config, output_dir: Path) -> dict:
-    """Sweep every (variant, lr); write results.json and stability.png under output_dir; return the results."""
+    """Sweep every (variant, width, seed) ladder; write results.json and stability.png; return the results."""
+    from megatron_adamc.experiments._stability_figures import plot
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(v, lr) for v in cfg.variants for lr in sorted(cfg.lrs)]
-    queue = RunQueue(cfg, output_dir, total_steps=len(todo) * cfg.steps)
-    curves = {}
-    for variant, lr in todo:
-        name = run_name(variant, lr)
-        curves[name] = queue.run(name, overrides(cfg, variant, lr), cfg.steps, len(todo))
     cache = cfg.data_cache_dir or f"~/.cache/megatron-adamc/experiments-v{cfg.vocab_size}"
-    threshold = cfg.divergence_loss if cfg.divergence_loss is not None else unigram_entropy(cache)
-    runs = [summarize_run(cfg, curves[run_name(v, lr)], v, lr, threshold) for v, lr in todo]
+    lrs = sorted(cfg.lrs)
+    ladders = [(w, v, s) for w in cfg.widths for s in cfg.seeds for v in cfg.variants]
+    total = len(ladders) * len(lrs)
+    queue = RunQueue(cfg, output_dir, total_steps=total * cfg.steps)
+    threshold: float | None = cfg.divergence_loss
+    curves: dict[str, list[dict[str, Any]]] = {}
+    runs: list[dict[str, Any]] = []
+    for width, variant, seed in ladders:
+        streak = 0
+        for lr in lrs:
+            if cfg.skip_after_diverged and streak >= cfg.skip_after_diverged:
+                initial = runs[-1]["initial_loss"]
+                runs.append(skipped_run(variant, width, lr, seed, initial, cfg.skip_after_diverged))
+                queue.total_steps -= cfg.steps
+                continue
+            name = run_name(variant, width, lr, seed)
+            curves[name] = queue.run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, total)
+            if threshold is None:
+                threshold = unigram_entropy(cache)  # the first run has built the data
+            result = {
+                "name": name,
+                "width": width,
+                "seed": seed,
+                **summarize_run(cfg, curves[name], variant, lr, threshold),
+            }
+            runs.append(result)
+            streak = streak + 1 if result["diverged"] else 0
     summary = summarize(cfg, runs)
     results = {
+        **headline(summary),
         **summary,
         "divergence_loss": threshold,
-        "divergence_rule": "non-finite loss, or final loss above the first step's loss or above divergence_loss "
-        "(default: the unigram entropy of the training tokens)",
+        "divergence_rule": f"non-finite loss, or the {SPIKE_WINDOW}-step mean of the loss after warmup above the first "
+        "step's loss, or the final train loss (mean of the last 10% of steps) above divergence_loss (default: the "
+        "unigram entropy of the training tokens)",
         "runs": runs,
         "config": cfg.model_dump(),
-        "commands": {r["name"]: (queue.runs_dir / r["name"] / "command.txt").read_text().strip() for r in runs},
+        "command": queue.shared_command(),
+        "run_sets": {r["name"]: queue.run_sets(r["name"]) for r in runs if not r["skipped"]},
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    plot(cfg, curves, runs, summary, threshold, output_dir / "stability.png")
+    plot(cfg, curves, results, output_dir / "stability.png")
     return results

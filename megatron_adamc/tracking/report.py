@@ -1,7 +1,10 @@
 """PNG plots and a markdown summary of one or more runs' ``metrics.jsonl`` (several runs overlaid).
 
-The figure that matters is the per-layer ratio against its predicted line: with plain AdamW the measured
-||g||/||x|| follows sqrt(2 lambda / gamma_t) up as the lr decays; with AdamC it stays at sqrt(2 lambda / gamma_max).
+The figures that matter set each layer's measured ratio against the steady state of ITS optimizer, labelled
+(``tracking/forms.py``): for SGD ||g||/||x|| against sqrt(2 lambda_t / gamma_t); for Adam the normalized update
+||dx||/(lr_t ||x||) against Defazio's Adam form sqrt(2 lambda_t / lr_t) and Kosson's rotational equilibrium, a factor
+sqrt((1 + beta1) / (1 - beta1)) lower. With plain AdamW the prediction climbs as the lr decays; with AdamC it stays
+at its lr_max value. Adam's raw ||g||/||x|| is plotted too, with no line: no form predicts it.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from typing import Any
 import matplotlib
 
 from megatron_adamc.metrics_file import FILE_NAME, MetricsFile, MetricsFileError
+from megatron_adamc.tracking.forms import FORMS, by_layer_type, cosine_by_layer_type, forms_present, row_ratios
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 MAX_LAYERS = 6
+SHOWN_TYPES = ("linear", "embedding", "output")  # the decayed kinds (norm gains get no decay, so no prediction)
 
 
 class ReportError(ValueError):
@@ -62,7 +67,29 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(str(err)) from err
     if not metrics.rows:
         raise ReportError(f"{path / FILE_NAME}: no line with a 'step' key; nothing to plot")
-    return Run(path.name or str(path), path, metrics.rows, metrics.events)
+    return Run(path.name or str(path), path, [_upgrade_legacy_adam(row) for row in metrics.rows], metrics.events)
+
+
+def _upgrade_legacy_adam(row: dict[str, Any]) -> dict[str, Any]:
+    """Rows of an Adam run tracked before the Adam forms existed carry the SGD form under ``predicted_ratio`` and
+    Kosson's angular update under ``predicted_update_ratio``. Both Adam forms follow from them (the SGD formula is
+    Defazio's Adam form of the normalized update; Kosson's over the lr is its normalized form), so such a run is
+    reported against the right lines, not the SGD one."""
+    legacy = [k.split("/", 1)[1] for k in row if k.startswith("predicted_update_ratio/")]
+    lr = row.get("lr")
+    if not legacy or not isinstance(lr, (int, float)) or not lr > 0:
+        return row
+    row = dict(row)
+    for name in legacy:
+        kosson, sgd = row.pop(f"predicted_update_ratio/{name}"), row.pop(f"predicted_ratio/{name}", None)
+        measured = row.get(f"update_weight_ratio/{name}")
+        if isinstance(measured, (int, float)):
+            row[f"normalized_update_ratio/{name}"] = measured / lr
+        if isinstance(kosson, (int, float)):
+            row[f"predicted_kosson_ratio/{name}"] = kosson / lr
+        if isinstance(sgd, (int, float)):
+            row[f"predicted_adam_ratio/{name}"] = sgd
+    return row
 
 
 def _labels(runs: list[Run]) -> None:
@@ -73,14 +100,18 @@ def _labels(runs: list[Run]) -> None:
             run.label = f"{run.path.parent.name}/{run.path.name}"
 
 
-def _tracked_names(runs: list[Run], prefix: str = "predicted_ratio/") -> list[str]:
-    """Up to MAX_LAYERS names under ``prefix`` (default: parameters with a prediction), spread over the depth."""
+PREDICTED_PREFIXES = tuple(dict.fromkeys(form.predicted + "/" for form in FORMS.values()))
+
+
+def _tracked_names(runs: list[Run], prefixes: tuple[str, ...] = PREDICTED_PREFIXES) -> list[str]:
+    """Up to MAX_LAYERS names under ``prefixes`` (default: parameters with a prediction), spread over the depth."""
     names: list[str] = []
     for run in runs:
-        for key in run.keys(prefix):
-            name = key.split("/", 1)[1]
-            if name not in names:
-                names.append(name)
+        for prefix in prefixes:
+            for key in run.keys(prefix):
+                name = key.split("/", 1)[1]
+                if name not in names:
+                    names.append(name)
     if len(names) <= MAX_LAYERS:
         return names
     step = (len(names) - 1) / (MAX_LAYERS - 1)
@@ -113,8 +144,10 @@ def _line_plot(runs: list[Run], keys: list[tuple[str, str]], title: str, ylabel:
 
 
 def _per_layer_plot(
-    runs: list[Run], names: list[str], measured: str, predicted: str | None, title: str, out: Path
+    runs: list[Run], names: list[str], measured: str, predicted: list[tuple[str, str, str]], title: str, out: Path
 ) -> bool:
+    """One panel per name: each run's measured ``measured/<name>`` (solid) and each ``(prefix, style, label)`` of
+    ``predicted`` (that run's colour, the given line style) where the run has it."""
     if not names:
         return False
     cols = min(3, len(names))
@@ -126,10 +159,10 @@ def _per_layer_plot(
             if steps:
                 label = f"{run.label} measured" if predicted else run.label
                 ax.plot(steps, values, "-", color=f"C{index}", lw=1.2, label=label)
-            if predicted:
-                steps, values = run.series(f"{predicted}/{name}")
+            for prefix, style, what in predicted:
+                steps, values = run.series(f"{prefix}/{name}")
                 if steps:
-                    ax.plot(steps, values, "--", color=f"C{index}", lw=1.2, label=f"{run.label} predicted")
+                    ax.plot(steps, values, style, color=f"C{index}", lw=1.2, label=f"{run.label} {what}")
         ax.set_title(name, fontsize=9)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -144,14 +177,47 @@ def _per_layer_plot(
     return True
 
 
-def _mean_ratio_gap(run: Run, names: list[str]) -> float | None:
-    """Mean over layers of measured / predicted ||g||/||x|| at the last tracked step (1 = on the theory line)."""
-    gaps = []
-    for name in names:
-        measured, predicted = run.last(f"grad_weight_ratio/{name}"), run.last(f"predicted_ratio/{name}")
-        if measured is not None and predicted:
-            gaps.append(measured / predicted)
-    return sum(gaps) / len(gaps) if gaps else None
+def _last_predicted_row(run: Run, form: str) -> dict[str, Any] | None:
+    """The last row holding a prediction of ``form`` (a tracked step)."""
+    prefix = FORMS[form].predicted + "/"
+    return next((row for row in reversed(run.rows) if any(key.startswith(prefix) for key in row)), None)
+
+
+def _last_gap(run: Run, form: str) -> float | None:
+    """Geometric mean over parameters of measured / predicted in ``form`` at the last tracked step (1 = on the line);
+    None when the run has no prediction of that form (it does not apply to the run's optimizer)."""
+    row = _last_predicted_row(run, form)
+    values = [v for v in row_ratios(row, form).values() if v > 0] if row else []
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _prediction_kind(run: Run) -> str:
+    forms = forms_present(run.rows)
+    if "adam" in forms:
+        return "Adam"
+    return "SGD" if "sgd" in forms else "-"
+
+
+def _layer_type_section(runs: list[Run]) -> list[str]:
+    """Measured/predicted at the last tracked step by layer type, per form that applies, and mean cos(x, g): which
+    kind of tensor sits on which line (the theory assumes the loss is blind to the weight's scale, cos = 0)."""
+    lines = ["", "## Steady state by layer type (last tracked step)", ""]
+    lines += [f"- `{form.name}`: {form.label}" for form in FORMS.values()]
+    lines += ["", "| run | form | linear | embedding | output | cos(x, g): linear / embedding / output |"]
+    lines += ["|---|---|---|---|---|---|"]
+    drawn = False
+    for run in runs:
+        for form in forms_present(run.rows):
+            row = _last_predicted_row(run, form)
+            types = by_layer_type([row], form) if row else {}
+            cos = cosine_by_layer_type([row]) if row else {}
+            cells = " | ".join(
+                _fmt(types[k]["mean"], ".3f") if k in types else "-" for k in ("linear", "embedding", "output")
+            )
+            cos_cell = " / ".join(_fmt(cos.get(k), ".3f") for k in ("linear", "embedding", "output"))
+            lines.append(f"| {run.label} | {form} | {cells} | {cos_cell} |")
+            drawn = True
+    return lines if drawn else []
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -179,32 +245,53 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
     )
     add(
         "ratio.png",
-        "Per-layer ||g||/||x|| (solid) against the predicted steady state (dashed)",
-        _per_layer_plot(runs, names, "grad_weight_ratio", "predicted_ratio", "||g|| / ||x||", output / "ratio.png"),
+        "Per-layer ||g||/||x|| (solid); dashed: the " + FORMS["sgd"].label + ", drawn for SGD runs only (Adam's raw "
+        "gradient does not settle: its forms are in the next figure)",
+        _per_layer_plot(
+            runs,
+            names,
+            "grad_weight_ratio",
+            [("predicted_ratio", "--", "SGD form")],
+            "||g|| / ||x||",
+            output / "ratio.png",
+        ),  # fmt: skip
     )
     add(
-        "update_ratio.png",
-        "Per-layer ||update||/||x|| (solid) against Adam's rotational equilibrium (dashed)",
+        "normalized_update.png",
+        "Per-layer normalized update ||dx||/(lr_t ||x||) of Adam runs (solid); dashed: "
+        + FORMS["adam"].label
+        + "; dotted: "
+        + FORMS["kosson"].label,
         _per_layer_plot(
-            runs, names, "update_weight_ratio", "predicted_update_ratio", "||dx|| / ||x||", output / "update_ratio.png"
+            runs,
+            names,
+            "normalized_update_ratio",
+            [("predicted_adam_ratio", "--", "Adam form (Defazio)"), ("predicted_kosson_ratio", ":", "Kosson")],
+            "||dx|| / (lr ||x||)",
+            output / "normalized_update.png",
         ),
     )
     add(
         "weight_norms.png",
         "Per-layer weight norms",
-        _per_layer_plot(runs, names, "weight_norm", None, "||x||", output / "weight_norms.png"),
+        _per_layer_plot(runs, names, "weight_norm", [], "||x||", output / "weight_norms.png"),
     )
     add(
         "max_logit.png",
         "Per-layer max attention logit (grows before a divergence; QK-norm / capping hold it)",
         _per_layer_plot(
-            runs, _tracked_names(runs, "max_attn_logit/"), "max_attn_logit", None, "max logit", output / "max_logit.png"
+            runs,
+            _tracked_names(runs, ("max_attn_logit/",)),
+            "max_attn_logit",
+            [],
+            "max logit",
+            output / "max_logit.png",
         ),
     )
     add(
         "act_rms.png",
         "RMS of the outputs of QKV, attention projection, FC1 and FC2",
-        _per_layer_plot(runs, _tracked_names(runs, "act_rms/"), "act_rms", None, "output RMS", output / "act_rms.png"),
+        _per_layer_plot(runs, _tracked_names(runs, ("act_rms/",)), "act_rms", [], "output RMS", output / "act_rms.png"),
     )
     fp8_keys = [(f"fp8/{kind}/overflow_frac", style) for kind, style in (("weight", "-"), ("grad", ":"), ("act", "--"))]
     add(
@@ -215,23 +302,26 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
 
     lines = ["# Training report", "", f"Runs: {', '.join(f'`{run.path}`' for run in runs)}", ""]
     lines += [
-        "| run | steps | final loss | min loss | final grad norm | max grad norm | "
-        "measured/predicted ratio (last) | max attention logit | spikes | max FP8 overflow | bf16 stale (last) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | steps | final loss | min loss | final grad norm | max grad norm | prediction | "
+        "measured/predicted (last): SGD form | Adam form (Defazio) | rotational (Kosson) | "
+        "max attention logit | spikes | max FP8 overflow | bf16 stale (last) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         _, losses = run.series("loss")
         _, norms = run.series("grad_norm")
         overflow = [v for kind in ("weight", "grad", "act") for v in run.series(f"fp8/{kind}/overflow_frac")[1]]
         logits = [v for key in run.keys("max_attn_logit/") for v in run.series(key)[1]]
+        gaps = " | ".join(_fmt(_last_gap(run, form), ".3f") for form in FORMS)
         lines.append(
             f"| {run.label} | {run.rows[-1]['step']} | {_fmt(losses[-1] if losses else None)} | "
             f"{_fmt(min(losses) if losses else None)} | {_fmt(norms[-1] if norms else None)} | "
-            f"{_fmt(max(norms) if norms else None)} | {_fmt(_mean_ratio_gap(run, names), '.3f')} | "
+            f"{_fmt(max(norms) if norms else None)} | {_prediction_kind(run)} | {gaps} | "
             f"{_fmt(max(logits) if logits else None, '.3g')} | "
             f"{sum(1 for e in run.events if e.get('event') == 'spike')} | "
             f"{_fmt(max(overflow) if overflow else None, '.2e')} | {_fmt(run.last('bf16_stale_frac'), '.3f')} |"
         )
+    lines += _layer_type_section(runs)
     spikes = [(run.label, e) for run in runs for e in run.events if e.get("event") == "spike"]
     if spikes:
         lines += ["", "## Spikes", ""]

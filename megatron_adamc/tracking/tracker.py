@@ -19,7 +19,11 @@ from megatron_adamc.core import fp8
 from megatron_adamc.core.adamc import ENABLED_KEY, LR_MAX_KEY
 from megatron_adamc.core.fp8 import AmaxHistory
 from megatron_adamc.core.norms import cosine, norm, ratio, rms
-from megatron_adamc.core.theory import adam_update_weight_ratio, sgd_grad_weight_ratio
+from megatron_adamc.core.theory import (
+    adam_normalized_update_ratio,
+    kosson_normalized_update_ratio,
+    sgd_grad_weight_ratio,
+)
 from megatron_adamc.tracking import master as columns
 from megatron_adamc.tracking.activations import ActivationStats
 from megatron_adamc.tracking.config import TrackingConfig
@@ -213,7 +217,7 @@ class Tracker:
             metrics[f"grad_weight_ratio/{name}"] = ratio(g, w)
             metrics[f"update_weight_ratio/{name}"] = ratio(u, w)
             metrics[f"cos_weight_grad/{name}"] = cosine(wg, w2, g2)
-            metrics.update(self._predicted(row, name))
+            metrics.update(self._predicted(row, name, ratio(u, w)))
             if self.master.lp_dtype is not None and self.config.low_precision and changed > 0:
                 metrics[f"bf16_stale_frac/{name}"] = stale / changed
             if self.config.low_precision:
@@ -242,8 +246,11 @@ class Tracker:
                     metrics[f"fp8/{kind}/{stat}"] = value
         return metrics
 
-    def _predicted(self, row: int, name: str) -> dict[str, float]:
-        """The steady-state predictions from this step's lr and the group's base lambda (AdamC keys if stamped)."""
+    def _predicted(self, row: int, name: str, update_ratio: float) -> dict[str, float]:
+        """The steady-state prediction that applies to the group's optimizer, from this step's lr and the group's base
+        lambda (AdamC's corrected decay if stamped): Adam groups (``betas``) get Defazio's Adam form and Kosson's
+        rotational equilibrium of ||dx||/(lr ||x||), beside that measured ratio; SGD groups the SGD form of
+        ||g||/||x|| (core/theory.py). The SGD form does not apply to Adam: Adam's raw gradient never settles."""
         index = self.layout.group_of_row[row]
         if index < 0:
             return {}
@@ -253,10 +260,13 @@ class Tracker:
         if weight_decay <= 0 or lr <= 0:
             return {}
         lr_max = group.get(LR_MAX_KEY) if group.get(ENABLED_KEY, False) else None
-        beta1 = float(group.get("betas", (0.9, 0.999))[0])
+        if "betas" not in group:
+            return {f"predicted_ratio/{name}": sgd_grad_weight_ratio(weight_decay, lr, lr_max)}
+        beta1 = float(group["betas"][0])
         return {
-            f"predicted_ratio/{name}": sgd_grad_weight_ratio(weight_decay, lr, lr_max),
-            f"predicted_update_ratio/{name}": adam_update_weight_ratio(weight_decay, lr, beta1, lr_max),
+            f"normalized_update_ratio/{name}": update_ratio / lr,
+            f"predicted_adam_ratio/{name}": adam_normalized_update_ratio(weight_decay, lr, lr_max),
+            f"predicted_kosson_ratio/{name}": kosson_normalized_update_ratio(weight_decay, lr, beta1, lr_max),
         }
 
     def _activation_metrics(self, values: list[float], max_values: list[float]) -> dict[str, float]:

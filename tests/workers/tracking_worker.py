@@ -26,7 +26,7 @@ from torch._utils import _unflatten_dense_tensors  # noqa: E402
 
 import megatron_adamc.deepspeed as mad  # noqa: E402
 from megatron_adamc.core.adamc import APPLIED_KEY, ENABLED_KEY, LR_MAX_KEY  # noqa: E402
-from megatron_adamc.core.theory import adam_update_weight_ratio, sgd_grad_weight_ratio  # noqa: E402
+from megatron_adamc.core.theory import adam_normalized_update_ratio, kosson_normalized_update_ratio  # noqa: E402
 from megatron_adamc.tracking import Tracker, TrackingConfig  # noqa: E402
 
 LR_MAX, WD, CLIP = 1e-2, 0.1, 0.05
@@ -169,14 +169,15 @@ def run(name: str, spec: dict) -> dict:
                     if spec["stage"] != 3:  # ZeRO-3 steps sub-groups one by one; AdamC's record is not per call
                         assert abs(group[APPLIED_KEY] - WD * lrs[index] / LR_MAX) < 1e-12, (name, group[APPLIED_KEY])
                     assert group["weight_decay"] == WD, "AdamC left lambda_t in the group"
-                bump(
-                    "predicted_ratio",
-                    rel(metrics[f"predicted_ratio/{n}"], sgd_grad_weight_ratio(WD, lrs[index], lr_max)),
-                )
-                expected = adam_update_weight_ratio(WD, lrs[index], 0.9, lr_max)
-                bump("predicted_update_ratio", rel(metrics[f"predicted_update_ratio/{n}"], expected))
-            else:
+                # Adam groups get the Adam forms of the normalized update, never the SGD form of ||g||/||x||.
                 assert f"predicted_ratio/{n}" not in metrics
+                bump("normalized_update_ratio", rel(metrics[f"normalized_update_ratio/{n}"], u / (w * lrs[index])))
+                expected = adam_normalized_update_ratio(WD, lrs[index], lr_max)
+                bump("predicted_adam_ratio", rel(metrics[f"predicted_adam_ratio/{n}"], expected))
+                expected = kosson_normalized_update_ratio(WD, lrs[index], 0.9, lr_max)
+                bump("predicted_kosson_ratio", rel(metrics[f"predicted_kosson_ratio/{n}"], expected))
+            else:
+                assert f"predicted_adam_ratio/{n}" not in metrics
             if spec["bf16"]:
                 changed = after[n] != before[n]
                 stale = changed & (after[n].bfloat16() == before[n].bfloat16())
