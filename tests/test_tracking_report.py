@@ -14,6 +14,7 @@ from megatron_adamc.cli import report as report_cli
 from megatron_adamc.core import theory
 from megatron_adamc.errors import UserError
 from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.tracking import forms
 from megatron_adamc.tracking.report import load_run
 
 
@@ -174,3 +175,11 @@ def test_bad_json_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(good + "{oops\n" + good)  # a torn LAST line would be dropped instead
     with pytest.raises(UserError, match="metrics.jsonl:2"):
         main(["report", str(tmp_path), "-o", str(tmp_path / "r")])
+
+
+def test_steps_too_small_to_move_fp32_weights_are_left_out() -> None:
+    """A cosine to zero ends at lr ~1e-10: the update is lost to the rounding of the FP32 weights, so its measured
+    ratio says nothing; the summary's "last" is the last step with lr >= 1e-3 of the peak."""
+    rows = [{"step": s, "lr": lr} for s, lr in ((1, 1e-3), (2, 5e-4), (3, 1.1e-6), (4, 1e-10))]
+    assert [r["step"] for r in forms.resolvable(rows)] == [1, 2, 3]
+    assert forms.resolvable([{"step": 1}]) == [{"step": 1}]

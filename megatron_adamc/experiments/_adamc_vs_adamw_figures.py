@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from megatron_adamc.core.theory import layer_type  # noqa: E402
 from megatron_adamc.experiments._figure import save_figure  # noqa: E402
 from megatron_adamc.experiments._trainer_runs import series, smooth  # noqa: E402
+from megatron_adamc.tracking.forms import resolvable  # noqa: E402
 
 COLORS = {"AdamW": "tab:red", "AdamC": "tab:blue", "control": "tab:purple"}
 TYPES = ("linear", "embedding", "output")
@@ -81,9 +82,9 @@ def plot_overview(cfg: Any, curves: dict, results: dict[str, Any], path: Path) -
     long = [r for r in runs if r["phase"] in ("long", "long_control")]
     if long:
         lwidth = max(1, long[0]["steps"] // 50)
-        title = f"long pair: global grad norm (avg {lwidth} steps)"
+        title = f"long trio: global grad norm (avg {lwidth} steps)"
         _curves_panel(axes[1, 1], curves, long, "grad_norm", lwidth, title)
-        _curves_panel(axes[1, 2], curves, long, "tracking/weight_norm", lwidth, "long pair: total weight norm ||x||")
+        _curves_panel(axes[1, 2], curves, long, "tracking/weight_norm", lwidth, "long trio: total weight norm ||x||")
     else:
         axes[1, 1].axis("off")
         axes[1, 2].axis("off")
@@ -101,19 +102,24 @@ def plot_overview(cfg: Any, curves: dict, results: dict[str, Any], path: Path) -
 def plot_adam_forms(cfg: Any, curves: dict, results: dict[str, Any], path: Path) -> None:
     """Rows: the equilibrium run, the long pair (those that ran); columns: layer types. Thin lines: each parameter's
     measured ||dx||/(lr ||x||); dashed: Defazio's Adam form; dotted: Kosson's; shaded: the settled stretch."""
-    rows = [r for r in results["runs"] if r["phase"] in ("equilibrium", "long")]
+    rows = [r for r in results["runs"] if r["phase"] in ("equilibrium", "long") and r["seed"] == 0]
     if not rows:
         rows = [r for r in results["runs"] if r["phase"] == "sweep"][-2:]
     fig, axes = plt.subplots(len(rows), len(TYPES), figsize=(5.2 * len(TYPES), 3.3 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows, strict=True):
-        records = curves[r["name"]]
+        records = resolvable(curves[r["name"]])
         names = sorted({k.split("/", 1)[1] for rec in records for k in rec if k.startswith("predicted_adam_ratio/")})
         for ax, kind in zip(ax_row, TYPES, strict=True):
             chosen = [n for n in names if layer_type(n) == kind]
             for i, name in enumerate(chosen):
+                label = name.removesuffix(".weight").removeprefix("layers.") if kind == "linear" else "measured"
                 ax.plot(*series(records, f"normalized_update_ratio/{name}"), "-", color=f"C{i % 10}", lw=0.9,
-                        alpha=0.8, label="measured" if i == 0 else None)  # fmt: skip
+                        alpha=0.8, label=label)  # fmt: skip
             if chosen:
+                predicted = series(records, f"predicted_adam_ratio/{chosen[0]}")[1]
+                measured = [v for n in chosen for v in series(records, f"normalized_update_ratio/{n}")[1]]
+                if predicted and measured:  # AdamW's line runs away as lr -> 0: keep the measured part readable
+                    ax.set_ylim(0.7 * min(measured), max(3.0 * max(measured), 1.5 * min(predicted)))
                 ax.plot(*series(records, f"predicted_adam_ratio/{chosen[0]}"), "--", color="k", lw=1.3,
                         label="Adam form (Defazio)")  # fmt: skip
                 ax.plot(*series(records, f"predicted_kosson_ratio/{chosen[0]}"), ":", color="k", lw=1.6,
@@ -128,5 +134,7 @@ def plot_adam_forms(cfg: Any, curves: dict, results: dict[str, Any], path: Path)
             ax.grid(alpha=0.3)
             if kind == "linear":
                 ax.set_ylabel("||dx|| / (lr ||x||)")
+                ax.legend(fontsize=6, ncol=3, loc="upper right")
+            elif kind == "embedding":
                 ax.legend(fontsize=7)
     save_figure(fig, path, "Which Adam form holds: per-layer normalized update against the two predictions")

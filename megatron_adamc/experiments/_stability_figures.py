@@ -18,8 +18,9 @@ MARKERS = ("o", "s", "^", "D")
 
 
 def _loss_panel(ax: Any, cfg: Any, runs: list[dict], width: int, colors: dict, threshold: float) -> None:
-    """Losses above the first-step loss (blown-up runs) are drawn at that ceiling, so the stable part stays readable."""
-    ceiling = max(r["initial_loss"] for r in runs) + 0.2
+    """Losses above the unigram level + 0.3 (runs that lost everything, or blew up) are drawn at that ceiling, so the
+    part that learned stays readable."""
+    ceiling = threshold + 0.3
     for variant in cfg.variants:
         color = colors[variant]
         by_lr: dict[float, list[float]] = {}
@@ -53,7 +54,10 @@ def _stable_panel(ax: Any, cfg: Any, cells: dict, colors: dict) -> None:
                 ax.plot(x, y, MARKERS[j % len(MARKERS)], color=colors[variant], mfc="none" if lr else colors[variant],
                         ms=7, label=label)  # fmt: skip
     ax.set_xticks(range(len(cfg.variants)), cfg.variants, rotation=20, fontsize=8)
-    ax.set(yscale="log", ylabel="largest stable lr (per seed)")
+    per_seed = [lr for c in cells.values() for lr in c["max_stable_lr"]["per_seed"]]
+    bottom = min(per_seed) / 1.6 if all(per_seed) else min(cfg.lrs) / 2  # a seed with none stable sits below the grid
+    ax.set(yscale="log", ylabel="largest stable lr (per seed; light lines: the grid)")
+    ax.set_ylim(bottom, max(cfg.lrs) * 1.4)
     ax.set_title(f"largest stable lr, each seed (grid factor sqrt(2); {len(cfg.seeds)} seeds)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=7)
@@ -74,8 +78,8 @@ def _sensitivity_panel(ax: Any, cfg: Any, cells: dict, colors: dict) -> None:
     ax.legend(fontsize=7)
 
 
-def _logit_panel(ax: Any, cfg: Any, runs: list[dict], colors: dict) -> None:
-    width, seed = max(cfg.widths), cfg.seeds[0]
+def _logit_panel(ax: Any, cfg: Any, runs: list[dict], colors: dict, width: int) -> None:
+    seed = cfg.seeds[0]
     for variant in cfg.variants:
         pts = sorted(
             (r["lr"], r["activations"]["max_attn_logit"]["max"])
@@ -97,11 +101,14 @@ def plot(cfg: Any, curves: dict, results: dict[str, Any], path: Path) -> None:
     runs, cells, threshold = results["runs"], results["cells"], results["divergence_loss"]
     for ax, width in zip(axes[0], cfg.widths, strict=False):
         _loss_panel(ax, cfg, runs, width, colors, threshold)
-    for ax in axes[0][len(cfg.widths) :]:
+    spare = list(axes[0][len(cfg.widths) :])
+    if spare and len(cfg.widths) > 1:
+        _logit_panel(spare.pop(0), cfg, runs, colors, min(cfg.widths))
+    for ax in spare:
         ax.axis("off")
     _stable_panel(axes[1, 0], cfg, cells, colors)
     _sensitivity_panel(axes[1, 1], cfg, cells, colors)
-    _logit_panel(axes[1, 2], cfg, runs, colors)
+    _logit_panel(axes[1, 2], cfg, runs, colors, max(cfg.widths))
     for ax in axes[1][3:]:
         ax.axis("off")
     save_figure(

@@ -26,7 +26,14 @@ from pydantic import Field, model_validator
 
 from megatron_adamc.core.theory import integrated_decay, matched_adamw_decay
 from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, mean_std, series, window_mean
-from megatron_adamc.tracking.forms import by_layer_type, closer_form, cosine_by_layer_type, forms_present
+from megatron_adamc.tracking.forms import (
+    by_layer_type,
+    closer_form,
+    cosine_by_layer_type,
+    forms_present,
+    per_parameter,
+    resolvable,
+)
 
 HEADLINE_KEYS = ("best", "control")
 OPTIMIZERS = ("AdamW", "AdamC")
@@ -48,6 +55,7 @@ class Config(LlmConfig):
     control: bool = Field(True, description="AdamW at the lambda matching AdamC's integrated decay, every seed")
     no_decay_reference: bool = Field(True, description="one run without weight decay (AdamW = AdamC there)")
     long_weight_decay: float = Field(0.3, gt=0, description="lambda of the long trio's AdamW and AdamC")
+    long_seeds: int = Field(3, gt=0, description="seeds of the long trio")
     long_lr_wd_steps: float = Field(
         6.0,
         ge=0,
@@ -57,7 +65,7 @@ class Config(LlmConfig):
     equilibrium_weight_decay: float = Field(1.0, gt=0, description="lambda of the constant-lr equilibrium run")
     equilibrium_steps: int = Field(2500, ge=0, description="steps of the constant-lr AdamW run (0: none)")
     settled_decay: float = Field(
-        3.0, gt=0, description="a run counts as settled once sum_t lr_t lambda_t >= this (norm relaxed e^-3)"
+        2.0, gt=0, description="a run counts as settled once sum_t lr_t lambda_t >= this (squared norm relaxed e^-4)"
     )
     settled_lr_fraction: float = Field(
         0.5, gt=0, le=1, description="...and while lr_t >= this share of the peak (AdamW's target still moves slowly)"
@@ -123,11 +131,12 @@ def settled_rows(cfg: Config, records: list[dict[str, Any]]) -> tuple[list[dict[
 
 
 def steady_state(cfg: Config, records: list[dict[str, Any]], steps: int) -> dict[str, Any]:
-    """Per window (mid 40-60%, the last 5%, settled) and prediction form: measured/predicted by layer type."""
-    tail = 1.0 - cfg.tail_fraction
+    """Per window (mid 40-60%, the last 5%, settled) and prediction form: measured/predicted by layer type (steps
+    whose lr is too small to move the FP32 weights left out, see ``forms.LR_FLOOR``)."""
+    tail, kept = 1.0 - cfg.tail_fraction, resolvable(records)
     windows = {
-        "mid": [r for r in records if MID[0] * steps < r["step"] <= MID[1] * steps],
-        "end": [r for r in records if r["step"] > tail * steps],
+        "mid": [r for r in kept if MID[0] * steps < r["step"] <= MID[1] * steps],
+        "end": [r for r in kept if r["step"] > tail * steps],
     }
     windows["settled"], settled_steps = settled_rows(cfg, records)
     forms = forms_present(records)
@@ -135,6 +144,8 @@ def steady_state(cfg: Config, records: list[dict[str, Any]], steps: int) -> dict
     for window, rows in windows.items():
         out[window] = {form: by_layer_type(rows, form) for form in forms} if rows else None
     out["cos_weight_grad_mid"] = cosine_by_layer_type(windows["mid"])
+    if windows["settled"]:
+        out["settled_per_parameter"] = {form: per_parameter(windows["settled"], form) for form in forms}
     return out
 
 
@@ -230,10 +241,10 @@ class _Runs:
     def __init__(self, cfg: Config, output_dir: Path) -> None:
         self.cfg = cfg
         sweep = len(cfg.weight_decays) * len(OPTIMIZERS) + int(cfg.no_decay_reference)
-        self.total = sweep + 2 * (cfg.seeds - 1) + cfg.seeds * int(cfg.control) + 3 * int(cfg.long_lr_wd_steps > 0)
-        self.total += int(cfg.equilibrium_steps > 0)
+        long = 3 * cfg.long_seeds if cfg.long_lr_wd_steps > 0 else 0
+        self.total = sweep + 2 * (cfg.seeds - 1) + cfg.seeds * int(cfg.control) + long + int(cfg.equilibrium_steps > 0)
         estimate = (sweep + 2 * (cfg.seeds - 1) + cfg.seeds * int(cfg.control)) * cfg.steps + cfg.equilibrium_steps
-        self.queue = RunQueue(cfg, output_dir, total_steps=estimate + 3 * long_steps(cfg))
+        self.queue = RunQueue(cfg, output_dir, total_steps=estimate + long * long_steps(cfg))
         self.curves: dict[str, list[dict[str, Any]]] = {}
         self.summaries: list[dict[str, Any]] = []
 
@@ -309,13 +320,24 @@ def run(cfg: Config, output_dir: Path) -> dict:
         control.update({**stats(group), "adamc_minus_control": paired(at_best["AdamC"], group)})
     long: dict[str, Any] = {}
     if cfg.long_lr_wd_steps > 0:
-        steps = long_steps(cfg)
-        trio = [runs.train(opt, cfg.long_weight_decay, 0, "long", steps) for opt in OPTIMIZERS]
-        info, group = runs.control(trio[1], range(1), "long_control")
-        for key, r in zip(("AdamW", "AdamC", "AdamW_control"), trio + group, strict=True):
-            long[key] = {k: r[k] for k in ("name", "weight_decay", "steps", "lr_wd_steps", "integrated_decay")}
-            long[key].update({k: r[k] for k in STAT_KEYS})
-        long["control_rule"] = info["rule"]
+        steps, wd = long_steps(cfg), cfg.long_weight_decay
+        trios: dict[str, list[dict[str, Any]]] = {"AdamW": [], "AdamC": [], "AdamW_control": []}
+        for seed in range(cfg.long_seeds):
+            for opt in OPTIMIZERS:
+                trios[opt].append(runs.train(opt, wd, seed, "long", steps))
+            info, group = runs.control(trios["AdamC"][-1], range(seed, seed + 1), "long_control")
+            trios["AdamW_control"] += group
+        long = {"steps": steps, "lr_wd_steps": round(cfg.lr * wd * steps, 10), "control": info}
+        for key, group in trios.items():
+            long[key] = {
+                "weight_decay": group[0]["weight_decay"],
+                "lr_wd_steps": group[0]["lr_wd_steps"],
+                "integrated_decay": group[0]["integrated_decay"],
+                "names": [r["name"] for r in group],
+                **stats(group),
+            }
+        long["adamc_minus_adamw"] = paired(trios["AdamC"], trios["AdamW"])
+        long["adamc_minus_control"] = paired(trios["AdamC"], trios["AdamW_control"])
     if cfg.equilibrium_steps:
         runs.train("AdamW", cfg.equilibrium_weight_decay, 0, "equilibrium", cfg.equilibrium_steps, "constant")
     results = {

@@ -32,6 +32,18 @@ FORMS = {
 }
 
 
+# A step whose lr is below this share of the run's peak moves the FP32 weights by less than their rounding (a cosine
+# to zero ends at lr ~1e-10): its measured update is mostly lost, so no steady state is read from it.
+LR_FLOOR = 1e-3
+
+
+def resolvable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose ``lr`` is at least LR_FLOOR of the largest lr among them (rows without an lr are kept)."""
+    lrs = [r["lr"] for r in rows if _finite(r.get("lr"))]
+    floor = LR_FLOOR * max(lrs) if lrs else 0.0
+    return [r for r in rows if not _finite(r.get("lr")) or r["lr"] >= floor]
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -61,27 +73,30 @@ def row_ratios(row: dict[str, Any], form: str) -> dict[str, float]:
     return out
 
 
-def by_layer_type(rows: Iterable[dict[str, Any]], form: str) -> dict[str, dict[str, float]]:
-    """Per layer type: the geometric mean of measured / predicted over the rows and that type's parameters, its
-    spread (min and max of the per-parameter geometric means) and how many parameters and points went in."""
-    per_param: dict[str, list[float]] = {}
+def per_parameter(rows: Iterable[dict[str, Any]], form: str) -> dict[str, float]:
+    """Per parameter: the geometric mean of measured / predicted over the rows."""
+    logs: dict[str, list[float]] = {}
     for row in rows:
         for name, value in row_ratios(row, form).items():
             if value > 0:
-                per_param.setdefault(name, []).append(math.log(value))
+                logs.setdefault(name, []).append(math.log(value))
+    return {name: math.exp(sum(v) / len(v)) for name, v in logs.items()}
+
+
+def by_layer_type(rows: Iterable[dict[str, Any]], form: str) -> dict[str, dict[str, float]]:
+    """Per layer type: the geometric mean over that type's parameters of their geometric means of measured /
+    predicted over the rows, the spread (min and max over the parameters) and how many parameters went in."""
+    means = per_parameter(rows, form)
     out: dict[str, dict[str, float]] = {}
     for kind in LAYER_TYPES:
-        means = [sum(v) / len(v) for name, v in per_param.items() if layer_type(name) == kind]
-        if not means:
-            continue
-        points = sum(len(v) for name, v in per_param.items() if layer_type(name) == kind)
-        out[kind] = {
-            "mean": math.exp(sum(means) / len(means)),
-            "min": math.exp(min(means)),
-            "max": math.exp(max(means)),
-            "params": len(means),
-            "points": points,
-        }
+        logs = [math.log(v) for name, v in means.items() if layer_type(name) == kind]
+        if logs:
+            out[kind] = {
+                "mean": math.exp(sum(logs) / len(logs)),
+                "min": math.exp(min(logs)),
+                "max": math.exp(max(logs)),
+                "params": len(logs),
+            }
     return out
 
 

@@ -17,7 +17,14 @@ from typing import Any
 import matplotlib
 
 from megatron_adamc.metrics_file import FILE_NAME, MetricsFile, MetricsFileError
-from megatron_adamc.tracking.forms import FORMS, by_layer_type, cosine_by_layer_type, forms_present, row_ratios
+from megatron_adamc.tracking.forms import (
+    FORMS,
+    by_layer_type,
+    cosine_by_layer_type,
+    forms_present,
+    resolvable,
+    row_ratios,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -178,9 +185,9 @@ def _per_layer_plot(
 
 
 def _last_predicted_row(run: Run, form: str) -> dict[str, Any] | None:
-    """The last row holding a prediction of ``form`` (a tracked step)."""
+    """The last row holding a prediction of ``form`` (a tracked step) whose lr still moves the FP32 weights."""
     prefix = FORMS[form].predicted + "/"
-    return next((row for row in reversed(run.rows) if any(key.startswith(prefix) for key in row)), None)
+    return next((row for row in reversed(resolvable(run.rows)) if any(key.startswith(prefix) for key in row)), None)
 
 
 def _last_gap(run: Run, form: str) -> float | None:
