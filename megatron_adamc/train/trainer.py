@@ -17,60 +17,17 @@ from typing import Any
 
 import torch
 
-from megatron_adamc.errors import UserError
 from megatron_adamc.train import checkpoint
 from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, zero_stage
+from megatron_adamc.train.deepspeed_config import precision, zero_stage
 from megatron_adamc.train.distributed import DistEnv, all_mean, init_distributed
 from megatron_adamc.train.metrics import MetricsLogger
+from megatron_adamc.train.preflight import model_config as preflight_model_config
+from megatron_adamc.train.preflight import preflight
 from megatron_adamc.train.schedule import lr_multiplier
 
 # Dense bf16 peak FLOP/s per GPU, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
-
-
-def _model_config(config: TrainConfig, vocab_size: int):
-    from pydantic import ValidationError
-
-    from megatron_adamc.model import LlamaConfig
-
-    overrides = config.model.overrides()
-    try:
-        model_config = LlamaConfig.from_preset(config.model.preset, **overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UserError(f"model.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    if "vocab_size" not in overrides:
-        model_config.vocab_size = vocab_size
-    elif vocab_size > model_config.vocab_size:
-        raise UserError(
-            f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens: "
-            f"drop model.vocab_size (it follows the tokenizer) or raise it"
-        )
-    if config.train.seq_len > model_config.max_seq_len:
-        raise UserError(
-            f"train.seq_len={config.train.seq_len} is above the model's max_seq_len={model_config.max_seq_len}: "
-            f"lower train.seq_len or --set model.max_seq_len={config.train.seq_len}"
-        )
-    return model_config
-
-
-def _check_data_paths(config: TrainConfig) -> None:
-    data = config.data
-    if data.default_corpus:
-        return
-    from megatron_adamc.data.blend import check_prefix, parse_blend
-
-    for field, blend in (("data.train", data.train), ("data.valid", data.valid)):
-        if blend is not None:
-            for prefix in parse_blend(blend, field)[0]:
-                check_prefix(prefix, field)
-    if not Path(os.path.expanduser(data.tokenizer)).is_file():
-        raise UserError(
-            f"data.tokenizer={data.tokenizer}: no such file; train one with `megatron-adamc tokenizer train`"
-        )
 
 
 def _prepare_data(config: TrainConfig, env: DistEnv, num_train: int, num_valid: int):
@@ -143,11 +100,7 @@ class Trainer:
 
     # Validation that needs no process group and writes nothing.
     def preflight(self, world_size: int) -> dict[str, Any]:
-        _check_data_paths(self.config)
-        ds_config = build_deepspeed_config(self.config, world_size)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"--output-dir {self.run_dir}: exists and is not a directory; choose another path")
-        return ds_config
+        return preflight(self.config, self.run_dir, world_size)
 
     def run(self) -> dict[str, Any]:
         import megatron_adamc.deepspeed as mad
@@ -160,7 +113,7 @@ class Trainer:
         samples_per_step = tc.micro_batch_size * tc.grad_accum * env.world_size
         num_valid = config.eval.batches * tc.micro_batch_size * env.world_size
         tokenizer, train_ds, valid_ds = _prepare_data(config, env, tc.steps * samples_per_step, num_valid)
-        model_config = _model_config(config, tokenizer.vocab_size)
+        model_config = preflight_model_config(config, tokenizer.vocab_size)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
