@@ -28,10 +28,14 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK
         self._fd: int | None = None
+        self._created: list[Path] = []
+        self._previous = ""
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a dead holder's lock was taken over. Raises RunLockedError."""
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = [*missing] if self.path.exists() else [self.path, *missing]
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,16 +46,30 @@ class RunLock:
                 f"{self.path.parent} is in use by a running trainer ({holder}); wait for it to end or choose "
                 "another --output-dir"
             ) from None
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        previous = self._previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode(), 0)
         self._fd = fd
         return f"took over the lock of a trainer that is gone ({previous})" if previous else None
 
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (harmless, and reused next time)
-            self._fd = None
+    def release(self, undo: bool = False) -> None:
+        """Drop the lock. ``undo``: the run stopped before writing anything (bad input found after locking), so
+        leave the directory exactly as it was: the lock file's old content back, or what locking created removed."""
+        if self._fd is None:
+            return
+        if undo:
+            if self.path in self._created:
+                for path in self._created:  # the lock file, then the directories it needed, deepest first
+                    if not path.is_dir():
+                        path.unlink(missing_ok=True)
+                    elif not any(path.iterdir()):
+                        path.rmdir()
+            else:
+                os.ftruncate(self._fd, 0)
+                if self._previous:
+                    os.pwrite(self._fd, (self._previous + "\n").encode(), 0)
+        os.close(self._fd)  # closing drops the flock; the file stays (harmless, and reused next time)
+        self._fd = None
 
 
 def git_commit() -> str | None:
