@@ -100,8 +100,8 @@ def part2() -> list[str]:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
-    import megatron_adamc.deepspeed as mad
     from megatron_adamc.plan import Hardware, plan_run
+    from megatron_adamc.train.build import build_engine, build_model
     from megatron_adamc.train.config import load_config
     from megatron_adamc.train.deepspeed_config import build_deepspeed_config
 
@@ -109,14 +109,11 @@ def part2() -> list[str]:
     config = load_config(REPO / "configs/train/llama_tiny.yaml")
     plan = plan_run(config, Hardware(1, 1, 80))
     tc = config.train
-    torch.manual_seed(0)
-    model = Llama(plan.shape.model, seed=config.seed)
+    model = build_model(config, plan.shape.model.vocab_size)  # the trainer's model and engine builders
     tokens, labels = torch.randint(0, plan.shape.model.vocab_size, (2, tc.micro_batch_size, tc.seq_len))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to the current one
     before = _rss_kib("VmRSS") * 1024
-    engine, *_ = mad.initialize(
-        model=model, model_parameters=mad.decay_param_groups(model), config=build_deepspeed_config(config, 1)
-    )
+    engine = build_engine(config, model, build_deepspeed_config(config, 1))
     loss, _ = engine.module.loss(engine(tokens), labels)
     engine.backward(loss)
     engine.step()

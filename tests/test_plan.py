@@ -290,3 +290,17 @@ def test_plan_json_is_stable_for_the_gpu_check():
                 "tokens_per_step", "flops_per_token", "time_to_train_s", "assumptions"):  # fmt: skip
         assert key in report, key
     assert report["schema"] == 1 and report["advice"] is None
+
+
+def test_json_stdout_is_one_object_in_a_fresh_process():
+    """The GPU check parses stdout: DeepSpeed's import-time log lines must not reach it."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    cmd = [sys.executable, "-m", "megatron_adamc.cli", "plan", "--config", str(CONFIGS / "llama3_70b.yaml"),
+           "--nodes", "16", "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["fits"] is True

@@ -6,6 +6,7 @@ Exit 0 when the run fits, 1 when it does not (one line on stderr: the largest te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -42,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from megatron_adamc.plan import Hardware, format_plan, not_fit_line, plan_json, plan_run
     from megatron_adamc.train.config import load_config
 
-    config = load_config(args.config, args.overrides)
     hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.peak_tflops, args.mfu)
-    plan = plan_run(config, hardware)
+    # DeepSpeed (imported to check the JSON's keys) logs to stdout: keep stdout for the plan alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = plan_run(load_config(args.config, args.overrides), hardware)
     if args.json:
         print(json.dumps(plan_json(plan, args.config), indent=2))
     else:

@@ -18,7 +18,7 @@ from megatron_adamc.model.config import LlamaConfig
 from megatron_adamc.plan.activations import ActivationMemory, activation_memory
 from megatron_adamc.plan.model_states import ModelStates, ZeroSetup, communication_buffers, model_states, zero_setup
 from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.model_config import model_config
+from megatron_adamc.train.preflight import model_config
 
 GiB = 2**30
 # Memory outside PyTorch's allocator: the CUDA context (~0.5 GiB on an H100), NCCL's communicator buffers and the
