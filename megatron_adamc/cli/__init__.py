@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Module names under megatron_adamc.cli; each adds one sub-command.
-SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report"]
+SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
