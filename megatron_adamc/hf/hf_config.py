@@ -66,8 +66,9 @@ def from_hf_config(hf: dict[str, Any], where: str) -> tuple[LlamaConfig, str]:
             f"{where}: model_type={model_type!r} is not supported: import-hf reads Llama (and Qwen3) checkpoints"
         )
 
-    def refuse(field: str, why: str) -> None:
-        raise ConfigError(f"{where}: {field}={hf.get(field)!r} {why}; import-hf reads plain {architecture} only")
+    def refuse(field: str, why: str, value: Any = None) -> None:
+        value = hf.get(field) if value is None else value
+        raise ConfigError(f"{where}: {field}={value!r} {why}; import-hf reads plain {architecture} only")
 
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "is not SwiGLU's silu")
@@ -82,6 +83,9 @@ def from_hf_config(hf: dict[str, Any], where: str) -> tuple[LlamaConfig, str]:
     rope_parameters = hf.get("rope_parameters") or {}
     if rope_parameters.get("rope_type", "default") != "default":
         refuse("rope_parameters", "is a RoPE scaling the project does not implement (only plain RoPE)")
+    partial = rope_parameters.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        refuse("partial_rotary_factor", "rotates part of each head; the project's RoPE rotates all of it", partial)
     if architecture == QWEN3:
         if hf.get("use_sliding_window"):
             refuse("use_sliding_window", "means sliding-window attention, which the project does not implement")
