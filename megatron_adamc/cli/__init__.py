@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-# Module names under megatron_adamc.cli; each adds one sub-command.
-SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report", "plan"]
+# Module names under megatron_adamc.cli; each adds one sub-command (named by its register(), e.g. import-hf).
+SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report", "plan", "export", "import_hf"]
 
 
 def build_parser() -> argparse.ArgumentParser:
