@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from megatron_adamc.errors import CheckpointError, UserError
@@ -37,17 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def checkpoint_dir(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint tag directory to export: ``step_N``, or the one ``checkpoints/latest`` names."""
-    from megatron_adamc.train.checkpoint import TAG_PREFIX, latest_tag
+    """The checkpoint to export: ``step_N``, or the newest one that verifies against its manifest."""
+    from megatron_adamc.train.checkpointer import verified_checkpoint
 
-    ckpt_dir = run_dir / "checkpoints"
-    tag = f"{TAG_PREFIX}{step}" if step is not None else latest_tag(ckpt_dir)
-    if tag is None:
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint (no 'latest' pointer); train first, or pass --step N")
-    if not (ckpt_dir / tag).is_dir():
-        have = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir()) if ckpt_dir.is_dir() else []
-        raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint; this run has: {', '.join(have) or 'none'}")
-    return ckpt_dir / tag
+    return verified_checkpoint(run_dir, step, log=lambda line: print(line, file=sys.stderr))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,9 +41,10 @@ def build_data(config: TrainConfig, env: DistEnv, num_train: int, num_valid: int
             None,
         )
     else:
-        train, valid, tokenizer_path, split = data.train, data.valid, os.path.expanduser(data.tokenizer), data.split
-        if valid is None and split is None:
-            split = "98,2,0"
+        from megatron_adamc.data.validate import resolve_split
+
+        train, valid, tokenizer_path = data.train, data.valid, os.path.expanduser(data.tokenizer)
+        split = resolve_split(valid, data.split)  # the same default preflight checked
     tokenizer = Tokenizer(tokenizer_path, field="data.tokenizer")
     train_ds, valid_ds = build_gpt_datasets(
         train, valid, config.train.seq_len, config.seed, num_train, num_valid, tokenizer,
