@@ -290,7 +290,7 @@ def verified_checkpoint(run_dir: Path, step: int | None = None, log: Callable[[s
         return candidate.path
     path = checkpointer.dir / tag_of(step)
     if not path.is_dir():
-        have = ", ".join(p.name for _, p in checkpointer.step_dirs()) or "none"
+        have = ", ".join(p.name for _, p in reversed(checkpointer.step_dirs())) or "none"
         raise CheckpointError(f"{path}: no such checkpoint; this run has: {have}")
     reason = checkpointer._verify(path)
     if reason is not None:
