@@ -41,19 +41,19 @@ class Step:
     name: str
     gpu_s: float | None  # time budget on one H200 (None: whatever is left)
     cpu_s: float | None  # time budget on this 2-core CPU (--quick runs fewer cases within the same caps)
-    needs_data: bool = False
+    needs: tuple[str, ...] = ()  # background jobs (BACKGROUND) to wait for first
     required: bool = True  # later-step reserve: an optional step runs only with time left
 
 
 # CPU caps are loose: on an idle machine the full CPU check takes ~5 minutes, the quick one ~1.5; a loaded shared
 # machine runs several times slower and should not turn into failures.
 STEPS = [
-    Step("parity", 120, 240),
-    Step("throughput", 170, 240, needs_data=True),
-    Step("tracking", 50, 150, needs_data=True),
-    Step("ds_paths", 40, 30),
+    Step("parity", 110, 240),
+    Step("throughput", 150, 240, needs=("data",)),
+    Step("tracking", 60, 150, needs=("data",)),
+    Step("ds_paths", 60, 30, needs=("cpu_adam",)),
     Step("megatron", 70, 120),
-    Step("curves", None, None, needs_data=True, required=False),
+    Step("curves", None, None, needs=("data",), required=False),
 ]
 RESERVE_S = 15  # kept per later required step, so a slow step cannot starve all that follow
 MIN_STEP_S = 20  # a step with less than this left is recorded as skipped for time
@@ -120,17 +120,30 @@ def step_module(name: str):
     return importlib.import_module(f"gpu.{name}")
 
 
-def start_data(args: argparse.Namespace, work: Path) -> subprocess.Popen | None:
-    """The default corpus and its tokenizer, prepared in the background while parity runs (sentencepiece and the
-    indexing use the CPU, parity mostly the GPU); the trainer steps wait for it."""
-    data = data_settings(args.cpu)
-    code = (
-        "from megatron_adamc.data import prepare_default_data; "
-        f"prepare_default_data({str(args.data_cache)!r}, {data['vocab_size']}, {data['max_bytes']}, "
-        f"workers={1 if args.cpu else 8}, progress=False)"
-    )
-    log = (work / "data.log").open("w")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=child_env(args.cpu))
+def background_code(job: str, args: argparse.Namespace) -> str | None:
+    """Work that starts at once, beside parity (which mostly waits on nvcc and the GPU), for the steps that need it:
+    the default corpus and its tokenizer (CPU), and on a GPU DeepSpeed's CPUAdam build (ds_paths' partial offload)."""
+    if job == "data":
+        data = data_settings(args.cpu)
+        return (
+            "from megatron_adamc.data import prepare_default_data; "
+            f"prepare_default_data({str(args.data_cache)!r}, {data['vocab_size']}, {data['max_bytes']}, "
+            f"workers={1 if args.cpu else 8}, progress=False)"
+        )
+    if job == "cpu_adam" and not args.cpu:  # on the CPU it is built by the set-up, and ds_paths does not run
+        return "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()"
+    return None
+
+
+def start_background(args: argparse.Namespace, work: Path, selected: list[Step]) -> dict[str, subprocess.Popen]:
+    jobs = {}
+    for job in sorted({job for step in selected for job in step.needs}):
+        code = background_code(job, args)
+        if code is not None:
+            log = (work / f"{job}.log").open("w")
+            cmd = [sys.executable, "-c", code]
+            jobs[job] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(args.cpu))
+    return jobs
 
 
 def run_step(step: Step, args: argparse.Namespace, work: Path, timeout: float, earlier: dict) -> dict[str, Any]:
@@ -268,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     device = describe_device(args.cpu)
     print(f"gpu_check: {device['name']}; steps {', '.join(args.steps)}; {budget:.0f} s; work in {work}", flush=True)
     selected = [s for s in STEPS if s.name in args.steps]
-    data = start_data(args, work) if any(s.needs_data for s in selected) else None
+    jobs = start_background(args, work, selected)
     log = (args.out / "gpu_check.log").open("w")
     results: list[dict[str, Any]] = []
     for index, step in enumerate(selected):
-        if step.needs_data and data is not None:
-            data.wait()  # before the budget is worked out: the wait is the check's time, not the step's
+        for job in step.needs:
+            if job in jobs:
+                jobs[job].wait()  # before the budget is worked out: the wait is the check's time, not the step's
         left = start + budget - time.time()
         reserve = RESERVE_S * sum(s.required for s in selected[index + 1 :])
         own = step.cpu_s if args.cpu else step.gpu_s
@@ -291,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         line = f"[{step.name}] {status(entry)} in {entry['seconds']} s: {_step_summary(entry)} {why}"
         print(line.rstrip(), flush=True)
         write_outputs(args.out, device, results, time.time() - start, argv)
-    if data is not None and data.poll() is None:
-        data.kill()
+    for job in jobs.values():
+        if job.poll() is None:
+            job.kill()
     log.close()
     print("\n" + (args.out / "gpu_check.md").read_text(), flush=True)
     if args.work is None:

@@ -139,3 +139,30 @@ def test_megatron_log_and_tensorboard_readers(tmp_path):
     log = megatron_step.iteration_log("some start-up line\n" + text)
     assert log["times_ms"][1] == 101.0 and log["times_ms"][30] == 130.0 and len(log["times_ms"]) == 30
     assert log["losses"][30] == pytest.approx(7.0)
+
+
+def test_ds_paths_verdicts_read_the_paths_script_figures():
+    from gpu.ds_paths import verdicts
+
+    results = {  # the shape tests/workers/ds_paths_gpu.py writes (issue 13)
+        "device": "NVIDIA H200",
+        "fp16-zero2": {"bitwise_equal": True, "max_abs_diff": 0.0, "decay_ok": True, "same_taken_as_reference": True},
+        "bf16-optimizer": {"bitwise_equal": False, "max_abs_diff": 0.0, "decay_ok": True},
+        "autocast": {"bitwise_equal": False, "max_abs_diff": 2e-3, "decay_ok": True},
+        "fp16-zero0": {"bitwise_equal": True, "decay_ok": True, "same_taken_as_reference": False},
+        "deepcompile-zero1": {"error": "RuntimeError: no"},
+        "refusal ratio": {"refused": "AdamCError: offload_optimizer.ratio=0.5 ..."},
+        "refusal zenflow": {"refused": None},
+        "partial-offload-adamw-backup-lr": {"backup_lr_frozen": True},
+    }
+    assert verdicts(results) == {
+        "fp16-zero2": "equal",
+        "bf16-optimizer": "equal",
+        "autocast": "differs",
+        "fp16-zero0": "differs",
+        "deepcompile-zero1": "error",
+        "refusal ratio": "refused",
+        "refusal zenflow": "not refused",
+        "partial-offload-adamw-backup-lr": "reported",
+    }
+    assert verdicts({"error": "no CUDA device"}) == {} and verdicts(None) == {}
