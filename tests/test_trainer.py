@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SMALL_CORPUS_DIR, SMALL_TRAIN_SETS, free_port, subprocess_env
 
+from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.train.schedule import lr_multiplier
 
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
@@ -41,8 +42,7 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+    return [(r["step"], r["loss"]) for r in MetricsFile(run_dir).read(strict=True).rows]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -56,14 +56,15 @@ def test_resume_is_bitwise_exact(tmp_path, data_cache, stage):
     second = run(train_cmd(split, data_cache, ds, nproc=2))
     assert "resumed from" in second.stdout + second.stderr
     assert losses(split) == losses(full)  # bitwise: same floats, same steps
-    assert json.loads((split / "run.json").read_text())["resumed_from_step"] == 6
+    invocations = json.loads((split / "run.json").read_text())["invocations"]
+    assert [i["start_step"] for i in invocations] == [0, 6] and invocations[1]["resumed_from"] == "step_6"
 
 
 def test_run_directory_contents(tmp_path, data_cache):
     out = tmp_path / "run"
     proc = run(train_cmd(out, data_cache, "logging.tensorboard=true"))
     assert "final train loss" in proc.stdout and "validation loss" in proc.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = MetricsFile(out).read(strict=True).rows
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("step", "tokens", "loss", "lr", "weight_decay", "grad_norm", "tokens_per_s"):
         assert key in records[-1], key
@@ -74,8 +75,9 @@ def test_run_directory_contents(tmp_path, data_cache):
         assert r["weight_decay"] == pytest.approx(0.1 * r["lr"] / 3e-3, rel=1e-9)
     assert any(k.startswith("grad_weight_ratio/layers.0.attn.qkv") for k in records[3])
     info = json.loads((out / "run.json").read_text())
-    assert info["world_size"] == 1 and info["num_nodes"] == 1 and info["zero_stage"] == 1
-    assert info["versions"]["deepspeed"] and info["config"]["optimizer"]["type"] == "AdamC"
+    assert info["zero_stage"] == 1 and info["config"]["optimizer"]["type"] == "AdamC"
+    (invocation,) = info["invocations"]
+    assert invocation["world_size"] == 1 and invocation["num_nodes"] == 1 and invocation["versions"]["deepspeed"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
     assert list((out / "tb").iterdir())
 

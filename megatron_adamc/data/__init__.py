@@ -12,7 +12,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataError": "errors",
     "DefaultData": "default",
     "PreprocessStats": "indexed",
     "Tokenizer": "tokenizer",
