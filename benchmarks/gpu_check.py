@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the gpu/ steps and optimizer_step.py, also under -m
 
-from gpu.common import StepContext, child_env, run_logged, table, write_json  # noqa: E402
+from gpu.common import StepContext, child_env, remove_stale_build_locks, run_logged, table, write_json  # noqa: E402
 from gpu.trainer_runs import data_settings  # noqa: E402
 
 
@@ -166,13 +166,13 @@ def run_step(step: Step, args: argparse.Namespace, work: Path, timeout: float, e
     record = json.loads(ctx.record_path.read_text()) if ctx.record_path.is_file() else {}
     entry: dict[str, Any] = {"name": step.name, "ok": record.pop("ok", False), "seconds": round(finished.seconds, 1)}
     entry["budget_s"] = round(timeout)
+    entry.update(record)
     if finished.killed:
         entry["ok"] = False
         entry["error"] = f"{finished.killed} (its budget); figures so far are kept"
-    elif finished.returncode != 0 and "error" not in record:
+    elif finished.returncode != 0 and "error" not in entry:
         entry["ok"] = False
         entry["error"] = f"exit code {finished.returncode}: {finished.last_line()}"
-    entry.update(record)
     return entry
 
 
@@ -285,9 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     log = (args.out / "gpu_check.log").open("w")
     results: list[dict[str, Any]] = []
     for index, step in enumerate(selected):
-        for job in step.needs:
-            if job in jobs:
-                jobs[job].wait()  # before the budget is worked out: the wait is the check's time, not the step's
+        for job in step.needs:  # before the budget is worked out: the wait is the check's time, not the step's
+            if job in jobs and jobs[job].poll() is None:
+                try:
+                    jobs[job].wait(timeout=max(1.0, start + budget - time.time() - MIN_STEP_S))
+                except subprocess.TimeoutExpired:
+                    jobs[job].kill()  # the step's own runs do that work then, within its budget
+                    jobs[job].wait()
         left = start + budget - time.time()
         reserve = RESERVE_S * sum(s.required for s in selected[index + 1 :])
         own = step.cpu_s if args.cpu else step.gpu_s
@@ -306,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line.rstrip(), flush=True)
         write_outputs(args.out, device, results, time.time() - start, argv)
     for job in jobs.values():
-        if job.poll() is None:
+        if job.poll() is None:  # e.g. a CPUAdam build no step needed in the end: its lock must not outlive it
             job.kill()
+            job.wait()
+            remove_stale_build_locks(start)
     log.close()
     print("\n" + (args.out / "gpu_check.md").read_text(), flush=True)
     if args.work is None:

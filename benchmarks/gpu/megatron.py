@@ -163,6 +163,8 @@ def summary(record: dict[str, Any]) -> str:
 
 def markdown(record: dict[str, Any]) -> str:
     runs = record.get("runs", {})
+    if not runs:
+        return ""
     rows = [
         [name, r.get("iterations"), r.get("step_ms_median"), r.get("loss_first"), r.get("loss_last"),
          r.get("error", "")]
