@@ -4,18 +4,17 @@ and every bad input failing with one line while an existing run directory stays 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL_CORPUS_DIR, SMALL_TRAIN_SETS, free_port, subprocess_env
+import trainer_runs as runs
+from conftest import SMALL_CORPUS_DIR
+from trainer_runs import losses, run
 
 from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.train.schedule import lr_multiplier
 
-CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
-SMALL = [*SMALL_TRAIN_SETS, "train.steps=12", "eval.interval=6"]
+SMALL = ["eval.interval=6"]
 
 
 @pytest.fixture(scope="session")
@@ -24,25 +23,7 @@ def data_cache() -> str:
 
 
 def train_cmd(out: Path, data_cache: str, *sets: str, nproc: int = 1) -> list[str]:
-    head = [sys.executable]
-    if nproc > 1:
-        head += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{free_port()}"]  # fmt: skip
-    head += ["-m", "megatron_adamc.cli", "train", "--config", str(CONFIG), "--output-dir", str(out)]
-    for item in [*SMALL, f"data.cache_dir={data_cache}", *sets]:
-        head += ["--set", item]
-    return head
-
-
-def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=900)
-    if check and proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in MetricsFile(run_dir).read(strict=True).rows]
+    return runs.train_cmd(out, *SMALL, f"data.cache_dir={data_cache}", *sets, nproc=nproc)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -6,6 +6,7 @@ The trainer composes these; a benchmark or a notebook can call them to get the s
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +41,10 @@ def build_data(config: TrainConfig, env: DistEnv, num_train: int, num_valid: int
             None,
         )
     else:
-        train, valid, tokenizer_path, split = data.train, data.valid, os.path.expanduser(data.tokenizer), data.split
-        if valid is None and split is None:
-            split = "98,2,0"
+        from megatron_adamc.data.validate import resolve_split
+
+        train, valid, tokenizer_path = data.train, data.valid, os.path.expanduser(data.tokenizer)
+        split = resolve_split(valid, data.split)  # the same default preflight checked
     tokenizer = Tokenizer(tokenizer_path, field="data.tokenizer")
     train_ds, valid_ds = build_gpt_datasets(
         train, valid, config.train.seq_len, config.seed, num_train, num_valid, tokenizer,
@@ -76,13 +78,28 @@ def base_optimizer(engine: Any) -> torch.optim.Optimizer:
     return getattr(engine, "basic_optimizer", None) or engine.optimizer
 
 
-def optimizer_state_is_finite(engine: Any) -> bool:
-    """This rank's master weights and Adam moments are all finite (one fused norm pass: a save-time check)."""
+# Where DeepSpeed's optimizer wrappers keep the FP32 master partitions: ZeRO 1/2, ZeRO 3 (whose base optimizer holds
+# them in its groups only during a step), BF16_Optimizer.
+_MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+
+
+def master_tensors(engine: Any) -> list[torch.Tensor]:
+    """This rank's FP32 master weights and Adam moments (each tensor once)."""
     optimizer = base_optimizer(engine)
-    tensors = [p for group in optimizer.param_groups for p in group["params"] if p.numel()]
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    for name in _MASTER_ATTRIBUTES:
+        tensors += [t for t in getattr(engine.optimizer, name, None) or [] if isinstance(t, torch.Tensor)]
     for state in optimizer.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    unique = {id(t): t for t in tensors if t.numel()}
+    return list(unique.values())
+
+
+def optimizer_state_is_finite(engine: Any) -> bool:
+    """No NaN/inf in this rank's master weights and Adam moments (one fused max-abs pass: a save-time check; the
+    max, unlike a sum of squares, cannot overflow on large finite values)."""
+    tensors = master_tensors(engine)
     if not tensors:
         return True
-    norms = torch._foreach_norm([t.detach() for t in tensors])
+    norms = torch._foreach_norm([t.detach() for t in tensors], ord=math.inf)
     return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())

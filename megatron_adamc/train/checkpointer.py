@@ -279,6 +279,25 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def verified_checkpoint(run_dir: Path, step: int | None = None, log: Callable[[str], None] = print) -> Path:
+    """For tools that read a run (export): its newest verified checkpoint, or ``step_N`` verified. Needs no process
+    group; raises CheckpointError naming what is wrong."""
+    checkpointer = Checkpointer(None, run_dir, log)
+    if step is None:
+        candidate = checkpointer.find_resume()
+        if candidate is None:
+            raise CheckpointError(f"{checkpointer.dir}: no checkpoint yet; train first, or pass --step N")
+        return candidate.path
+    path = checkpointer.dir / tag_of(step)
+    if not path.is_dir():
+        have = ", ".join(p.name for _, p in checkpointer.step_dirs()) or "none"
+        raise CheckpointError(f"{path}: no such checkpoint; this run has: {have}")
+    reason = checkpointer._verify(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} fails verification: {reason}; pick another --step")
+    return path
+
+
 def _barrier() -> None:
     if _world() > 1:
         dist.barrier()

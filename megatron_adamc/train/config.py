@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from megatron_adamc.errors import UserError
+from megatron_adamc.resources import find_file
 from megatron_adamc.tracking.config import TrackingConfig
 
 
@@ -170,7 +171,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    path = Path(path)
+    path = find_file(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file; pass a YAML file such as configs/train/llama_tiny.yaml")
     try:
@@ -189,9 +190,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def resolve_relative(value: str, config_dir: Path) -> str:
-    """A path as given from the working directory, else relative to the config file's folder."""
+    """A path as given from the working directory, else relative to the config file's folder, else (``configs/...``)
+    the copy shipped in the package."""
     candidate = Path(os.path.expanduser(value))
     if candidate.is_absolute() or candidate.exists():
         return str(candidate)
     beside = config_dir / candidate
-    return str(beside) if beside.exists() else str(candidate)
+    return str(beside) if beside.exists() else str(find_file(candidate))

@@ -87,7 +87,7 @@ def zero0_overflow_guard(optimizer: torch.optim.Optimizer) -> None:
 
     def guarded_step(*args: Any, **kwargs: Any) -> Any:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
+        norms = torch._foreach_norm(grads, ord=math.inf) if grads else []  # max |g|: finite unless a value is not
         optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(norms)).all())
         if optimizer.overflow:
             return None

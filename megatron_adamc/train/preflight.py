@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_adamc.data.validate import check_split_sizes, parse_split, resolve_split
 from megatron_adamc.errors import ConfigError, DataError, UserError
 from megatron_adamc.train.config import TrainConfig
 from megatron_adamc.train.deepspeed_config import build_deepspeed_config
@@ -49,16 +50,22 @@ def model_config(config: TrainConfig, vocab_size: int | None = None):
 
 
 def check_data_paths(config: TrainConfig) -> None:
-    """Indexed-dataset prefixes, split and tokenizer of a custom dataset (the default corpus is built later)."""
+    """A custom dataset's prefixes (files intact), split (well-formed, every part large enough) and tokenizer.
+
+    The default corpus is built at train time, so only custom data can be checked here.
+    """
     data = config.data
+    if data.split is not None:
+        parse_split(data.split)
     if data.default_corpus:
         return
-    from megatron_adamc.data.blend import check_prefix, parse_blend
+    from megatron_adamc.data.blend import parse_blend
 
-    for field, blend in (("data.train", data.train), ("data.valid", data.valid)):
-        if blend is not None:
-            for prefix in parse_blend(blend, field)[0]:
-                check_prefix(prefix, field)
+    train = parse_blend(data.train, "data.train")[0]
+    valid = parse_blend(data.valid, "data.valid")[0] if data.valid is not None else None
+    split = resolve_split(data.valid, data.split)
+    label = f"data.split={split}" + (" (the default without data.valid)" if data.split is None else "")
+    check_split_sizes(train, valid, split, config.train.seq_len, split_label=label)
     if not Path(os.path.expanduser(data.tokenizer)).is_file():
         raise DataError(
             f"data.tokenizer={data.tokenizer}: no such file; train one with `megatron-adamc tokenizer train`"

@@ -140,8 +140,10 @@ class Trainer:
         if candidate is None and config.checkpoint.init_from:
             from megatron_adamc.model.weights import load_weights
 
-            load_weights(model, config.checkpoint.init_from, field="checkpoint.init_from")
+            differences = load_weights(model, config.checkpoint.init_from)
             log(f"initialised the model from {config.checkpoint.init_from}")
+            for name, (stored, ours) in differences.items():
+                log(f"checkpoint.init_from: the weights were trained with model.{name}={stored}, this run uses {ours}")
         load_tag = None
         if plan.world_size_changed:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True

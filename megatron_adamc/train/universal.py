@@ -41,7 +41,8 @@ def convert(ckpt_dir: Path, tag: str, log=print) -> str:
         )  # fmt: skip
         log(f"converting {ckpt_dir / tag} to a universal checkpoint for the new world size")
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # ds_to_universal prints every tensor it touches
+            quiet = io.StringIO()  # ds_to_universal prints every tensor it touches, and progress bars
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                 ds_to_universal.main(args)
             # DeepSpeed's loader reads the model states of the tag it is given: keep them beside the fragments.
             for state in (ckpt_dir / tag).glob("mp_rank_*_model_states.pt"):
