@@ -15,6 +15,7 @@ from typing import Any
 
 from gpu.common import StepContext, table
 from gpu.trainer_runs import MODELS, base_sets, fused_adam_built, run_trainer, summarize
+from megatron_adamc.metrics_file import GRAD_NORM, LOSS, STEP
 
 LR = 1e-3
 LR_WD_STEPS = 6.0
@@ -36,7 +37,7 @@ def step_seconds(ctx: StepContext, model: str) -> float:
 
 
 def window_mean(rows: list[dict[str, Any]], key: str, window: tuple[float, float], steps: int) -> float:
-    values = [float(r[key]) for r in rows if window[0] * steps < r["step"] <= window[1] * steps and key in r]
+    values = [float(r[key]) for r in rows if window[0] * steps < r[STEP] <= window[1] * steps and key in r]
     return statistics.fmean(values) if values else math.nan
 
 
@@ -48,9 +49,9 @@ def plot(runs: dict[str, list[dict[str, Any]]], path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in runs.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r.get("grad_norm", math.nan) for r in rows], label=name, linewidth=0.8)
-        axes[1].plot(steps, [r.get("loss", math.nan) for r in rows], label=name, linewidth=0.8)
+        steps = [r[STEP] for r in rows]
+        axes[0].plot(steps, [r.get(GRAD_NORM, math.nan) for r in rows], label=name, linewidth=0.8)
+        axes[1].plot(steps, [r.get(LOSS, math.nan) for r in rows], label=name, linewidth=0.8)
     for ax, label in zip(axes, ("global gradient norm", "train loss"), strict=True):
         ax.set_xlabel("step")
         ax.set_ylabel(label)
@@ -84,10 +85,10 @@ def run(ctx: StepContext) -> bool | None:
         run_ = run_trainer(ctx, optimizer, [*sets, f"optimizer.type={optimizer}"], steps, timeout, schedule_steps=steps)
         rows[optimizer] = run_.rows
         entry = summarize(run_, warmup=0)
-        entry["grad_norm_mid"] = window_mean(run_.rows, "grad_norm", MID, steps)
-        entry["grad_norm_end"] = window_mean(run_.rows, "grad_norm", TAIL, steps)
+        entry["grad_norm_mid"] = window_mean(run_.rows, GRAD_NORM, MID, steps)
+        entry["grad_norm_end"] = window_mean(run_.rows, GRAD_NORM, TAIL, steps)
         entry["grad_norm_rise"] = entry["grad_norm_end"] / entry["grad_norm_mid"]
-        entry["final_loss"] = window_mean(run_.rows, "loss", TAIL, steps)
+        entry["final_loss"] = window_mean(run_.rows, LOSS, TAIL, steps)
         figures[optimizer] = {k: v for k, v in entry.items() if k != "run"}
         ok = ok and run_.error is None
         ctx.save(runs=figures)

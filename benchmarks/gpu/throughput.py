@@ -63,9 +63,11 @@ def run(ctx: StepContext) -> bool:
             elif ctx.left() > 10:
                 entry["plan"] = plan_memory(ctx, f"{model}-{variant}", sets)
                 planner_missing = entry["plan"] if "not available" in entry["plan"].get("error", "") else None
-                predicted, measured = entry["plan"].get("total_gb"), entry.get("peak_memory_gb")
-                if predicted and measured:
-                    entry["peak_over_plan"] = measured / predicted
+                plan_ = entry["plan"]  # like with like: allocator peak vs allocated, nvidia-smi vs the total
+                if plan_.get("allocated_gib") and entry.get("peak_allocated_gib"):
+                    entry["allocated_over_plan"] = entry["peak_allocated_gib"] / plan_["allocated_gib"]
+                if plan_.get("total_gib") and entry.get("gpu_memory_used_gib"):
+                    entry["used_over_plan"] = entry["gpu_memory_used_gib"] / plan_["total_gib"]
         runs.append(entry)
         ctx.save(runs=runs, steps=steps, warmup=warmup, ratios=ratios(runs))
         print(f"{model} {variant}: {fmt(entry.get('tokens_per_s'))} tokens/s {entry.get('error', '')}", flush=True)
@@ -81,8 +83,9 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
         if r["variant"] == "eager" or base is None or not r.get("tokens_per_s"):
             continue
         out[f"{r['model']} {r['variant']}: tokens/s vs eager"] = r["tokens_per_s"] / base["tokens_per_s"]
-        if r.get("peak_memory_gb") and base.get("peak_memory_gb"):
-            out[f"{r['model']} {r['variant']}: peak memory vs eager"] = r["peak_memory_gb"] / base["peak_memory_gb"]
+        if r.get("peak_allocated_gib") and base.get("peak_allocated_gib"):
+            peak = r["peak_allocated_gib"] / base["peak_allocated_gib"]
+            out[f"{r['model']} {r['variant']}: peak memory vs eager"] = peak
     return out
 
 
@@ -102,11 +105,13 @@ def markdown(record: dict[str, Any]) -> str:
         mfu = r["mfu"] * 100 if r.get("mfu") else None
         rows.append([
             r["model"], r["variant"], r.get("params"), r.get("tokens_per_step"), r.get("tokens_per_s"),
-            r.get("step_time_s_median"), mfu, r.get("peak_memory_gb"), r.get("gpu_memory_used_gb"),
-            plan.get("total_gb") or plan.get("error"), r.get("error") or r.get("skipped") or "",
+            r.get("step_time_s_median"), mfu, r.get("peak_allocated_gib"), plan.get("allocated_gib"),
+            r.get("gpu_memory_used_gib"), plan.get("total_gib") or plan.get("error"),
+            r.get("error") or r.get("skipped") or "",
         ])  # fmt: skip
     header = ["model", "variant", "params", "tokens/step", "tokens/s", "step s (median)", "MFU %",
-              "peak GB (trainer)", "GB used (nvidia-smi)", "planner GB", "note"]  # fmt: skip
+              "peak allocated GiB", "planned allocated GiB", "used GiB (nvidia-smi)", "planned total GiB",
+              "note"]  # fmt: skip
     text = table(header, rows)
     if record.get("ratios"):
         text += "\n\n" + table(["ratio", "value"], [[k, v] for k, v in record["ratios"].items()])

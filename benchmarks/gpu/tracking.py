@@ -13,6 +13,7 @@ from typing import Any
 
 from gpu.common import StepContext, fmt, table
 from gpu.trainer_runs import MODELS, base_sets, fused_adam_built, run_trainer, summarize
+from megatron_adamc.metrics_file import STEP
 
 MODES: dict[str, list[str]] = {
     "off": [],
@@ -24,7 +25,7 @@ TRACKED_KEY_PREFIX = "weight_norm/"  # one of the tracker's per-parameter keys
 
 
 def tracked_steps(rows: list[dict[str, Any]]) -> list[int]:
-    return [r["step"] for r in rows if any(k.startswith(TRACKED_KEY_PREFIX) for k in r)]
+    return [r[STEP] for r in rows if any(k.startswith(TRACKED_KEY_PREFIX) for k in r)]
 
 
 def run(ctx: StepContext) -> bool:

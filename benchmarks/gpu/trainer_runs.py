@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpu.common import BASE_CONFIG, CONFIGS, StepContext, child_env, python_module, run_logged
+from megatron_adamc.metrics_file import LOSS, MFU, PEAK_MEMORY_GB, STEP, STEP_TIME_S, TOKENS_PER_S, MetricsFile
 
 # Model shapes by name; on the CPU the same code paths at sizes that train in seconds.
 MODELS: dict[str, list[str]] = {
@@ -75,7 +76,7 @@ class TrainerRun:
     info: dict[str, Any]  # run.json, when the trainer wrote one
     error: str | None
     seconds: float
-    gpu_memory_used_gb: float | None  # nvidia-smi's peak over the run (whole GPU: context and allocator cache too)
+    gpu_memory_used_gib: float | None  # nvidia-smi's peak over the run (whole GPU: context and allocator cache too)
 
 
 def run_trainer(
@@ -88,8 +89,6 @@ def run_trainer(
     args = ["train", "--config", str(BASE_CONFIG), "--output-dir", str(run_dir)]
     for item in [*sets, f"train.steps={span}"]:
         args += ["--set", item]
-    from megatron_adamc.metrics_file import MetricsFile
-
     metrics = MetricsFile(run_dir)
     memory = GpuMemoryPeak(ctx.cpu)
 
@@ -104,7 +103,7 @@ def run_trainer(
         env=child_env(ctx.cpu),
         stop_when=logged_enough,
     )
-    rows = [row for row in metrics.read().rows if row["step"] <= steps]
+    rows = [row for row in metrics.read().rows if row[STEP] <= steps]
     error = None
     if finished.killed != "done" and (finished.returncode != 0 or len(rows) < steps):
         why = finished.killed or f"exit code {finished.returncode}"
@@ -112,15 +111,15 @@ def run_trainer(
         print(f"--- {name} failed; the end of its log:\n{finished.tail(40)}", flush=True)
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    return TrainerRun(name, rows, info, error, finished.seconds, memory.peak_gb)
+    return TrainerRun(name, rows, info, error, finished.seconds, memory.peak_gib)
 
 
 class GpuMemoryPeak:
-    """The GPU's used memory as nvidia-smi reports it, sampled while a run goes: a cross-check of the trainer's own
-    ``peak_memory_gb`` (allocator peak) that needs nothing from the trainer."""
+    """The GPU's used memory as nvidia-smi reports it (GiB), sampled each second while a run goes: what the planner's
+    total stands for (CUDA context and the allocator's cache included), and it needs nothing from the trainer."""
 
     def __init__(self, cpu: bool) -> None:
-        self.peak_gb: float | None = None
+        self.peak_gib: float | None = None
         self.enabled = not cpu and shutil.which("nvidia-smi") is not None
         self._next = 0.0
 
@@ -139,13 +138,13 @@ class GpuMemoryPeak:
             used = max(float(v) for v in out) / 1024  # MiB -> GiB
         except (OSError, ValueError, subprocess.SubprocessError):
             return
-        self.peak_gb = max(used, self.peak_gb or 0.0)
+        self.peak_gib = max(used, self.peak_gib or 0.0)
 
 
 def summarize(run: TrainerRun, warmup: int) -> dict[str, Any]:
     """Throughput over the steps after ``warmup``: tokens/s = tokens / seconds over them (the trainer's own
     ``step_time_s``), MFU scaled from the trainer's per-step figure, the peak memory the trainer logged."""
-    measured = [r for r in run.rows if r["step"] > warmup]
+    measured = [r for r in run.rows if r[STEP] > warmup]
     out: dict[str, Any] = {"run": run.name, "steps": len(run.rows), "seconds": round(run.seconds, 1)}
     if run.info:
         out["params"] = run.info.get("num_params")
@@ -155,19 +154,20 @@ def summarize(run: TrainerRun, warmup: int) -> dict[str, Any]:
         out["error"] = run.error
     if not measured:
         return out
-    times = [float(r["step_time_s"]) for r in measured]
-    tokens_per_step = float(measured[0]["tokens_per_s"]) * float(measured[0]["step_time_s"])
+    times = [float(r[STEP_TIME_S]) for r in measured]
+    tokens_per_step = float(measured[0][TOKENS_PER_S]) * float(measured[0][STEP_TIME_S])
     out["tokens_per_step"] = round(tokens_per_step)
     out["tokens_per_s"] = tokens_per_step * len(times) / sum(times)
     out["step_time_s_median"] = statistics.median(times)
     out["step_time_s_mean"] = statistics.fmean(times)
-    mfu = [float(r["mfu"]) / float(r["tokens_per_s"]) for r in measured if isinstance(r.get("mfu"), (int, float))]
+    mfu = [float(r[MFU]) / float(r[TOKENS_PER_S]) for r in measured if isinstance(r.get(MFU), (int, float))]
     if mfu:
         out["mfu"] = mfu[0] * out["tokens_per_s"]  # MFU is tokens/s times a constant (FLOPs per token / peak)
-    peaks = [float(r["peak_memory_gb"]) for r in run.rows if isinstance(r.get("peak_memory_gb"), (int, float))]
-    out["peak_memory_gb"] = max(peaks) if peaks else None
-    out["gpu_memory_used_gb"] = run.gpu_memory_used_gb
-    losses = [float(r["loss"]) for r in run.rows if isinstance(r.get("loss"), (int, float))]
+    # The trainer logs torch's peak allocation in GB (1e9); the planner and nvidia-smi count GiB.
+    peaks = [float(r[PEAK_MEMORY_GB]) for r in run.rows if isinstance(r.get(PEAK_MEMORY_GB), (int, float))]
+    out["peak_allocated_gib"] = max(peaks) * 1e9 / 2**30 if peaks else None
+    out["gpu_memory_used_gib"] = run.gpu_memory_used_gib
+    losses = [float(r[LOSS]) for r in run.rows if isinstance(r.get(LOSS), (int, float))]
     out["loss_first"], out["loss_last"] = (losses[0], losses[-1]) if losses else (None, None)
     out["finite"] = bool(losses) and all(math.isfinite(v) for v in losses)
     return out
@@ -190,9 +190,13 @@ def plan_memory(ctx: StepContext, name: str, sets: list[str], gpu_memory_gb: flo
             plan, _ = json.JSONDecoder().raw_decode(text[start:])
         except json.JSONDecodeError:
             plan = None
-        if isinstance(plan, dict):
+        if isinstance(plan, dict):  # its "gb" are GiB
             total = (plan.get("per_gpu_gb") or {}).get("total")
-            return {"total_gb": total, "fits": plan.get("fits"), "params": plan.get("params"), "raw": plan}
+            buffers = plan.get("buffers_gb") or {}
+            unallocated = sum(buffers.get(k) or 0.0 for k in ("cuda_context", "fragmentation"))
+            allocated = total - unallocated if isinstance(total, (int, float)) else None
+            return {"total_gib": total, "allocated_gib": allocated, "fits": plan.get("fits"),
+                    "params": plan.get("params"), "raw": plan}  # fmt: skip
     if "invalid choice: 'plan'" in text:
         return {"error": "not available: this tree has no `megatron-adamc plan` sub-command"}
     return {"error": f"plan exited {finished.returncode}: {finished.last_line()}"}
