@@ -60,3 +60,23 @@ def test_verified_checkpoint_for_tools(tmp_path) -> None:
         verified_checkpoint(tmp_path, step=9)
     with pytest.raises(CheckpointError, match="no checkpoint yet"):
         verified_checkpoint(tmp_path / "empty")
+
+
+def test_a_stale_jit_lock_is_named_while_waiting(tmp_path, monkeypatch, capsys) -> None:
+    import os
+    import time
+
+    from megatron_adamc.train.jit_locks import watch_for_stale_locks
+
+    lock = tmp_path / "py311_cpu" / "fused_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    os.utime(lock, (time.time() - 600, time.time() - 600))  # left by a build killed ten minutes ago
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with watch_for_stale_locks(patience_s=0.05):
+        time.sleep(0.5)  # an op load that does not come back
+    err = capsys.readouterr().err
+    assert f"still waiting for {lock}" in err and "delete that file to continue" in err
+    with watch_for_stale_locks(patience_s=0.05):
+        pass  # a load that returns in time says nothing
+    assert capsys.readouterr().err == ""

@@ -47,6 +47,7 @@ from megatron_adamc.train.deepspeed_config import precision, zero_stage
 from megatron_adamc.train.distributed import DistEnv, all_mean, init_distributed
 from megatron_adamc.train.evaluator import Evaluator
 from megatron_adamc.train.guard import DivergenceGuard, poison
+from megatron_adamc.train.jit_locks import watch_for_stale_locks
 from megatron_adamc.train.metrics import MetricsLogger
 from megatron_adamc.train.preemption import PreemptionHandler
 from megatron_adamc.train.preflight import preflight
@@ -102,7 +103,8 @@ class Trainer:
     @classmethod
     def build(cls, config: TrainConfig, run_dir: Path) -> Trainer:
         ds_config = preflight(config, run_dir, int(os.environ.get("WORLD_SIZE", 1)))
-        env = init_distributed()
+        with watch_for_stale_locks():  # DeepSpeed JIT-loads its communication op here
+            env = init_distributed()
         lock = _lock(run_dir, env)
         try:
             return cls._build_locked(config, run_dir, ds_config, env, lock)
@@ -148,7 +150,8 @@ class Trainer:
         if plan.world_size_changed:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
             load_tag = universal.convert(checkpointer.dir, candidate.tag, log)
-        engine = build_engine(config, model, ds_config)
+        with watch_for_stale_locks():  # ... and its optimizer op here
+            engine = build_engine(config, model, ds_config)
 
         trainer = cls(
             config=config, run_dir=run_dir, env=env, lock=lock, log=log, done_at=None, ds_config=ds_config,
