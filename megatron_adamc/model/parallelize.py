@@ -109,12 +109,13 @@ def check_compile(zero_stage: int) -> None:
         )
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
+def compile_blocks(model: nn.Module, backend: str = "inductor", fullgraph: bool = True) -> None:
     """``torch.compile`` each block in place (``nn.Module.compile``: names, hooks and state dict unchanged).
 
-    Compiling the repeated block rather than the whole model makes one graph that every layer reuses. Compilation
-    happens at the first training forward. On a step the norm tracker arms, the model runs eagerly
+    Compiling the repeated block rather than the whole model makes one graph that every layer reuses (torchtitan's
+    choice). ``fullgraph`` (as torchtitan): a block that cannot be traced whole is an error at the first forward,
+    not a silent fall-back to eager. On a step the norm tracker arms, the model runs eagerly
     (``tracking/activations.py``), so the tracker's hooks never enter a compiled graph.
     """
     for block in _blocks(model):
-        block.compile(**compile_kwargs)
+        block.compile(backend=backend, fullgraph=fullgraph)

@@ -1,0 +1,118 @@
+"""Micro batches assembled ahead of the training step by worker processes: torch's DataLoader over the sampler.
+
+WHY: with ``collate`` on the training thread, every step waits while GPTDataset reads and stitches its samples.
+Here ``num_workers`` processes build the next ``prefetch_factor`` micro batches each while the step runs, pinned
+(page-locked) on CUDA so that the copy to the GPU is asynchronous. The batches are the synchronous path's, in the
+same order: each "index" the DataLoader hands a worker is one micro batch's list from ``iter_batch_indices`` and
+the worker calls the same ``collate``; the DataLoader returns results in sampler order. The data position stays
+one integer, ``consumed_samples``: a loader started at a checkpoint's value yields what an uninterrupted run did.
+
+Workers ignore SIGTERM, SIGUSR1 and SIGINT: Slurm signals every process of a job step, and the trainer's
+preemption handler (in the parent) decides when to stop and then closes the loader; a worker killed by the signal
+would instead crash the step. A worker whose parent dies (even by SIGKILL) exits by itself within
+``MP_STATUS_CHECK_INTERVAL`` (5 s): DataLoader's watchdog. An exception in a worker is raised in the parent by
+``next`` (with the worker's traceback); a worker that dies is reported there as an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import signal
+import weakref
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from megatron_adamc.data.sampler import collate, iter_batch_indices
+from megatron_adamc.errors import ConfigError
+
+
+class _MicroBatches:
+    """Dataset view whose item is one whole micro batch: ``view[indices] -> (tokens, labels)``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate(self.dataset, indices)
+        return batch["tokens"], batch["labels"]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
+class BatchLoader:
+    """This rank's micro batches from ``start_consumed`` on, endless: ``tokens, labels = next(loader)``.
+
+    ``num_workers=0`` assembles each batch in ``next`` (the synchronous path). ``num_samples`` (the dataset
+    length) wraps indices around, as ``batch_indices`` does. ``consumed_samples`` is the position after the last
+    batch returned, to checkpoint. Close it (or use ``with``) to stop the workers at once.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        start_consumed: int = 0,
+        num_workers: int = 1,
+        prefetch_factor: int = 4,
+        device: torch.device | str = "cpu",
+        num_samples: int | None = None,
+    ) -> None:
+        if num_workers < 0 or prefetch_factor < 1:
+            raise ConfigError(
+                f"data.num_workers={num_workers} / data.prefetch_factor={prefetch_factor}: use >= 0 and >= 1"
+            )
+        self.device = torch.device(device)
+        self.micro_batch, self.dp_size = micro_batch, dp_size
+        self.consumed_samples = start_consumed
+        indices = iter_batch_indices(start_consumed, micro_batch, dp_rank, dp_size, num_samples)
+        workers: dict[str, Any] = {}
+        if num_workers > 0:
+            workers = dict(prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals)
+        self._loader = DataLoader(
+            _MicroBatches(dataset),
+            sampler=indices,  # each "index" is a whole micro batch; batch_size=None: no further batching
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            **workers,
+        )
+        self._iterator: Any = iter(self._loader)
+        # Before multiprocessing's own exit hook (atexit runs last-in first-out), which would SIGTERM the workers
+        # (ignored) and join them forever: a loader still referenced at interpreter exit is closed first.
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iterator is None:
+            raise RuntimeError("BatchLoader is closed")
+        tokens, labels = next(self._iterator)
+        self.consumed_samples += self.micro_batch * self.dp_size
+        return tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the workers now (dropping the iterator shuts them down and joins them); idempotent."""
+        self._iterator = None
+        atexit.unregister(self._at_exit)
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
