@@ -70,7 +70,11 @@ def test_mode_is_set_and_validated() -> None:
     with pytest.raises(ConfigError, match="train.activation_checkpointing='some'"):
         apply_activation_checkpointing(model, "some")
     names = [n for n, _ in model.named_parameters()]
-    apply_activation_checkpointing(model, "full")
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(tokens)
+        apply_activation_checkpointing(model, "full")
+        assert torch.equal(model(tokens), plain)  # evaluation runs the blocks plainly
     assert [n for n, _ in model.named_parameters()] == names  # nothing wrapped: the tracker's names hold
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL_CORPUS_DIR, subprocess_env
+from workers.loader_lifecycle import children
 
 from megatron_adamc.data import BatchLoader, batch_indices, build_gpt_datasets, collate, prepare_default_data
 from megatron_adamc.errors import ConfigError
@@ -100,10 +101,10 @@ def test_worker_exception_is_raised_in_the_parent(train_ds) -> None:
 
 
 def test_killed_worker_is_an_error_not_a_hang(train_ds) -> None:
-    before = set(_children())
+    before = set(children(os.getpid()))
     with BatchLoader(train_ds, MICRO, 0, 1, 0, num_workers=2, prefetch_factor=2) as loader:
         next(loader)
-        workers = sorted(set(_children()) - before)
+        workers = sorted(set(children(os.getpid())) - before)
         assert len(workers) == 2
         started = time.monotonic()
         with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid"):
@@ -112,15 +113,6 @@ def test_killed_worker_is_an_error_not_a_hang(train_ds) -> None:
                 next(loader)
                 time.sleep(0.02)
         assert time.monotonic() - started < 30
-
-
-def _children() -> list[int]:
-    pid = os.getpid()
-    out: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            out += [int(p) for p in handle.read().split()]
-    return out
 
 
 @pytest.mark.parametrize("case", ["exit", "kill", "term-group", "term-graceful"])
