@@ -112,14 +112,15 @@ class BareLoop:
 
     def run(self, steps: int, warmup: int) -> dict[str, list[float]]:
         import megatron_adamc.deepspeed as mad
-        from megatron_adamc.train.build import build_model
+        from megatron_adamc.data.loader import BatchLoader
+        from megatron_adamc.train.build import build_model, parallelize
         from megatron_adamc.train.schedule import LRSchedule
-        from megatron_adamc.train.trainer import Batches
 
         config, tc, env = self.config, self.config.train, self.env
         total = warmup + steps
         torch.manual_seed(config.seed)
         model = build_model(config, self.vocab_size).to(env.device)
+        parallelize(config, model)
         groups = mad.decay_param_groups(model, exclude_embeddings=config.optimizer.exclude_embeddings_from_decay)
         opt = config.optimizer
         kw = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
@@ -127,7 +128,11 @@ class BareLoop:
         schedule = LRSchedule(
             config.model_copy(update={"train": tc.model_copy(update={"steps": max(tc.steps, total + 1)})})
         )
-        batches = Batches(self.train_ds, 0, tc.micro_batch_size, env)
+        data = config.data
+        batches = BatchLoader(
+            self.train_ds, tc.micro_batch_size, env.rank, env.world_size, 0, data.num_workers, data.prefetch_factor,
+            env.device,
+        )  # fmt: skip
         autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         model.train()
         times, losses = [], []
@@ -137,7 +142,7 @@ class BareLoop:
             schedule.apply(optimizer.param_groups, step)
             micro = []
             for _ in range(tc.grad_accum):
-                tokens, labels = batches.next()
+                tokens, labels = next(batches)
                 with autocast:
                     loss, _ = model.loss(model(tokens), labels)
                 (loss / tc.grad_accum).backward()
@@ -148,6 +153,7 @@ class BareLoop:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(torch.stack(micro).mean()))
             times.append(time.perf_counter() - t0)
+        batches.close()
         self.flops_per_token = model.flops_per_token(tc.seq_len)
         return {"timed": times[warmup:], "loss": losses}
 

@@ -60,6 +60,16 @@ def build_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
     return Llama(model_config(config, vocab_size), seed=config.seed)
 
 
+def parallelize(config: TrainConfig, model: torch.nn.Module) -> None:
+    """Activation checkpointing, then compile (torchtitan's order), in place: names and state dict unchanged, so
+    checkpoints and ``checkpoint.init_from`` weights are the same with or without them."""
+    from megatron_adamc.model import apply_activation_checkpointing, compile_blocks
+
+    apply_activation_checkpointing(model, config.train.activation_checkpointing)
+    if config.train.compile:
+        compile_blocks(model)
+
+
 def build_engine(config: TrainConfig, model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     """``deepspeed.initialize`` with AdamC registered and the usual decay / no-decay groups. No lr scheduler:
     the trainer writes each step's lr itself (``schedule.LRSchedule``)."""

@@ -70,7 +70,9 @@ class TrainSection(_Section):
     )
     spike_window: int = Field(50, gt=1, description="steps in the running mean of spike_skip_ratio")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
-        "none", description="full: recompute every block; selective: recompute all but attention (see docs/model.md)"
+        "none",
+        description="full: recompute every block; selective: keep matmul and attention outputs, recompute the cheap "
+        "ops between them (see docs/model.md)",
     )
     compile: bool = Field(False, description="torch.compile each transformer block")
 

@@ -14,7 +14,7 @@ from typing import Any
 from megatron_adamc.data.validate import check_split_sizes, parse_split, resolve_split
 from megatron_adamc.errors import ConfigError, DataError, UserError
 from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.deepspeed_config import build_deepspeed_config
+from megatron_adamc.train.deepspeed_config import build_deepspeed_config, zero_stage
 
 # A stand-in vocabulary for validating the model before the tokenizer is known (the default corpus trains its own).
 _PROVISIONAL_VOCAB = 32_000
@@ -82,4 +82,9 @@ def preflight(config: TrainConfig, run_dir: Path, world_size: int) -> dict[str, 
     check_output_dir(run_dir)
     model_config(config)
     check_data_paths(config)
-    return build_deepspeed_config(config, world_size)
+    ds_config = build_deepspeed_config(config, world_size)
+    if config.train.compile:
+        from megatron_adamc.model.parallelize import check_compile
+
+        check_compile(zero_stage(ds_config))
+    return ds_config

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_adamc.data.loader import BatchLoader
 from megatron_adamc.errors import DivergenceError, RunLockedError, UserError
 from megatron_adamc.metrics_file import (
     DATA_WAIT_S,
@@ -40,7 +41,13 @@ from megatron_adamc.metrics_file import (
     WEIGHT_DECAY,
 )  # fmt: skip
 from megatron_adamc.train import universal
-from megatron_adamc.train.build import build_data, build_engine, build_model, optimizer_state_is_finite
+from megatron_adamc.train.build import (
+    build_data,
+    build_engine,
+    build_model,
+    optimizer_state_is_finite,
+    parallelize,
+)  # fmt: skip
 from megatron_adamc.train.checkpointer import Candidate, Checkpointer
 from megatron_adamc.train.config import TrainConfig
 from megatron_adamc.train.deepspeed_config import precision, zero_stage
@@ -65,22 +72,6 @@ def mfu(flops_per_token: float, tokens_per_s: float, env: DistEnv) -> float | No
     name = torch.cuda.get_device_name(env.device)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return None if peak is None else flops_per_token * tokens_per_s / (peak * env.world_size)
-
-
-class Batches:
-    """This rank's micro batches from ``consumed`` samples on (the whole data position is that one integer)."""
-
-    def __init__(self, dataset: Any, consumed: int, micro_batch: int, env: DistEnv) -> None:
-        self.dataset, self.consumed, self.micro_batch, self.env = dataset, consumed, micro_batch, env
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from megatron_adamc.data.sampler import batch_indices, collate
-
-        indices = batch_indices(self.consumed, self.micro_batch, self.env.rank, self.env.world_size)
-        self.consumed += self.micro_batch * self.env.world_size
-        batch = collate(self.dataset, indices)
-        device = self.env.device
-        return batch["tokens"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
 
 
 @dataclass
@@ -150,6 +141,7 @@ class Trainer:
         if plan.world_size_changed:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
             load_tag = universal.convert(checkpointer.dir, candidate.tag, log)
+        parallelize(config, model)
         with watch_for_stale_locks():  # ... and its optimizer op here
             engine = build_engine(config, model, ds_config)
 
@@ -169,7 +161,10 @@ class Trainer:
             if candidate is not None and candidate.state.get("tracker"):
                 trainer.tracker.load_state_dict(candidate.state["tracker"])
         trainer.logger = MetricsLogger(run_dir, config, config.train.steps, trainer.start_step, env.is_main)
-        trainer.batches = Batches(data.train, trainer.consumed, config.train.micro_batch_size, env)
+        trainer.batches = BatchLoader(
+            data.train, config.train.micro_batch_size, env.rank, env.world_size, trainer.consumed,
+            config.data.num_workers, config.data.prefetch_factor, env.device,
+        )  # fmt: skip
         return trainer
 
     def _restore(self, candidate: Candidate, load_tag: str | None) -> None:
@@ -242,6 +237,7 @@ class Trainer:
                     result["preempted" if stop else "paused"] = True
                     break
         finally:
+            self.batches.close()
             logger.close()
             if self.tracker is not None:
                 self.tracker.close()
@@ -270,7 +266,7 @@ class Trainer:
         reason = None
         for micro in range(tc.grad_accum):
             t0 = time.perf_counter()
-            tokens, labels = self.batches.next()
+            tokens, labels = next(self.batches)
             wait += time.perf_counter() - t0
             loss, _ = engine.module.loss(engine(tokens), labels)
             losses.append(loss.detach().float())
@@ -295,7 +291,7 @@ class Trainer:
         tc = self.config.train
         tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.env.world_size * tc.seq_len
         record: dict[str, Any] = {
-            STEP: step, TOKENS: self.batches.consumed * tc.seq_len, LOSS: out.loss, LR: out.lr,
+            STEP: step, TOKENS: self.batches.consumed_samples * tc.seq_len, LOSS: out.loss, LR: out.lr,
             WEIGHT_DECAY: mad.applied_weight_decay(self.engine.optimizer.param_groups), GRAD_NORM: out.grad_norm,
             TOKENS_PER_S: tokens_per_step / elapsed, STEP_TIME_S: elapsed, DATA_WAIT_S: out.data_wait_s,
             SKIPPED_STEPS: self.guard.skipped_total,
@@ -344,7 +340,7 @@ class Trainer:
                 f"checkpoint: {self._last_good()}"
             )
         state = {
-            "step": step, "consumed_samples": self.batches.consumed, "world_size": self.env.world_size,
+            "step": step, "consumed_samples": self.batches.consumed_samples, "world_size": self.env.world_size,
             "global_batch": self.identity["global_batch"], "identity": self.identity,
             "config": self.config.model_dump(mode="json"), "guard": self.guard.state_dict(),
             "tracker": self.tracker.state_dict() if self.tracker is not None else None,
