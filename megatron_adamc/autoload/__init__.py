@@ -7,19 +7,18 @@ matching ``.start`` file switches the ``.pth`` import line off). Start-up runs b
 of the script does not matter, and every process a launcher starts (the ``deepspeed`` launcher, torchrun,
 ``accelerate launch``, a container's entry point) is a new interpreter that runs it again.
 
-``install()`` imports nothing (``sys`` and ``os`` are loaded before site-packages is read): it puts a finder at the
-front of ``sys.meta_path`` that answers for one module name only, ``deepspeed.runtime.engine``. When that module has
-executed, the finder calls ``megatron_adamc.deepspeed.register()`` and removes itself. A process that never imports
-DeepSpeed pays one string comparison per import (``benchmarks/autoload_startup.py`` measures it).
+This module imports nothing but ``sys`` and ``os`` (loaded before site-packages is read; not even ``typing``, which
+would cost every Python process milliseconds). ``install()`` puts a finder at the front of ``sys.meta_path`` that
+answers for one module name only, ``deepspeed.runtime.engine``. When that module has executed, the finder calls
+``megatron_adamc.deepspeed.register()`` and removes itself. A process that never imports DeepSpeed pays one string
+comparison per import (``benchmarks/autoload_startup.py`` measures it all).
 ``MEGATRON_ADAMC_AUTOLOAD=0`` turns the hook off; ``register()`` keeps working either way.
 ``python -m megatron_adamc.autoload`` says what is installed and whether it fired.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: the __future__ module is one more import in every Python process.
 import os
 import sys
-from typing import Any
 
 ENV_VAR = "MEGATRON_ADAMC_AUTOLOAD"
 TRIGGER = "deepspeed.runtime.engine"  # defines DeepSpeedEngine, which register() patches
@@ -28,7 +27,7 @@ _OFF = {"0", "false", "no", "off"}
 
 # What this interpreter did: "off" (the variable), "waiting" (finder installed), "registered", or "failed: ...".
 state = "not installed"
-_finder: _EngineImportFinder | None = None
+_finder = None  # the installed _EngineImportFinder, while it waits
 
 
 def enabled() -> bool:
@@ -38,26 +37,26 @@ def enabled() -> bool:
 class _RegisterAfterExec:
     """The real loader of ``deepspeed.runtime.engine``, plus register() once the module has executed."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: object) -> None:
         self.loader = loader
 
-    def create_module(self, spec: Any) -> Any:
+    def create_module(self, spec: object) -> object:
         return self.loader.create_module(spec)
 
-    def exec_module(self, module: Any) -> None:
+    def exec_module(self, module: object) -> None:
         module.__loader__ = module.__spec__.loader = self.loader  # nothing downstream ever sees this wrapper
         self.loader.exec_module(module)
         _uninstall()
         _register()
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self.loader, name)
 
 
 class _EngineImportFinder:
     """A meta-path finder that only wraps the loader the other finders return for ``deepspeed.runtime.engine``."""
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
         if fullname != TRIGGER:
             return None
         for finder in sys.meta_path:
