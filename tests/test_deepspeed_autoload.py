@@ -4,8 +4,9 @@ throwaway venv (tests/workers/autoload_venv.py), exercised by fresh interpreters
 What must hold: both installs carry the start-up files, listed in RECORD (so ``pip uninstall`` removes them); a process
 that never imports DeepSpeed loads nothing but the two tiny hook modules; importing DeepSpeed by any route registers
 AdamC, so ``"type": "AdamC"`` builds an engine in a script that never names megatron-adamc; MEGATRON_ADAMC_AUTOLOAD=0
-restores DeepSpeed's own refusal; ``register()`` and a late ``install()`` keep working; a stale package shadowing the
-installed one on PYTHONPATH makes the ``.pth`` line a silent no-op; the PEP 829 ``.start`` entry point resolves.
+restores DeepSpeed's own refusal; ``register()`` and a late ``install()`` keep working; a DeepSpeed that cannot be
+patched warns and still imports; a stale package shadowing the installed one on PYTHONPATH makes the ``.pth`` line a
+silent no-op; the PEP 829 ``.start`` entry point resolves.
 """
 
 from __future__ import annotations
@@ -164,3 +165,24 @@ def test_uninstall_removes_the_startup_files(tmp_path):
         env=clean_env(),
     )
     assert not any((site_packages(venv) / name).exists() for name in STARTUP_FILES)
+
+
+def test_a_deepspeed_it_cannot_patch_warns_and_still_imports(venvs):
+    code = """
+        import json, sys, warnings
+        import megatron_adamc.deepspeed.engine_patch as patch
+
+        def broken():  # an injected fault: a DeepSpeed release whose engine no longer has what register() patches
+            raise AttributeError("type object 'DeepSpeedEngine' has no attribute '_configure_basic_optimizer'")
+
+        patch.register = broken
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import deepspeed
+        runtime = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        print(json.dumps({"state": sys.modules["megatron_adamc.autoload"].state, "warnings": runtime}))
+    """
+    out = last_json(run_python(venvs["wheel"], code))
+    assert out["state"].startswith("failed: AttributeError")
+    assert len(out["warnings"]) == 1 and out["warnings"][0].startswith("megatron-adamc: AdamC was not registered")
+    assert "\n" not in out["warnings"][0]
