@@ -11,7 +11,7 @@ gives the median CPU time (user + system, of the child) and the median wall time
 - ``-c "import torch"``: about 1,000 imports, each of which asks the finder first;
 - ``-c "import deepspeed"``: where the hook fires and ``register()`` runs (the price of AdamC being there).
 
-It also prints the hook's own share from ``python -X importtime -c pass`` (the microseconds of its two modules).
+It also prints the hook's own share: the median microseconds of its two modules in ``python -X importtime -c pass``.
 """
 
 from __future__ import annotations
@@ -43,10 +43,15 @@ def timed(python: Path, code: str) -> tuple[float, float]:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
-def hook_import_us(python: Path) -> int:
-    proc = subprocess.run([python, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, env=clean_env())
-    rows = [line.split("|") for line in proc.stderr.splitlines() if "megatron_adamc" in line]
-    return sum(int(row[0].split(":")[1]) for row in rows)  # self times of the hook's modules
+def hook_import_us(python: Path, rounds: int) -> float:
+    """Median over ``rounds`` runs of the self times of the hook's modules in ``python -X importtime -c pass``."""
+    totals = []
+    for _ in range(rounds):
+        cmd = [python, "-X", "importtime", "-c", "pass"]
+        stderr = subprocess.run(cmd, capture_output=True, text=True, env=clean_env()).stderr
+        rows = [line.split("|") for line in stderr.splitlines() if "megatron_adamc" in line]
+        totals.append(sum(int(row[0].split(":")[1]) for row in rows))
+    return statistics.median(totals)
 
 
 def main() -> None:
@@ -79,7 +84,8 @@ def main() -> None:
             f"| {case} | {runs} | {cpu['without hook']:.1f} | {cpu['with hook']:.1f} | {ratio:.3f} "
             f"| {wall['without hook']:.1f} | {wall['with hook']:.1f} |"
         )
-    print(f"\nthe hook's modules in `python -X importtime -c pass`: {hook_import_us(pythons['with hook'])} us")
+    us = hook_import_us(pythons["with hook"], args.rounds)
+    print(f"\nthe hook's two modules in `python -X importtime -c pass`: {us:.0f} us (median of {args.rounds})")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 
