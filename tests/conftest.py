@@ -70,7 +70,9 @@ def single_rank_dist():
     deepspeed.init_distributed(dist_backend="gloo")
     yield
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # DeepSpeed's own call: it also drops the groups DeepSpeed cached (its world and data-parallel groups), which
+        # would otherwise point the next module's engines at this destroyed group ("Group ... is not registered").
+        deepspeed.comm.destroy_process_group()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
