@@ -33,6 +33,10 @@ class ModelSection(BaseModel):
 
 
 class OptimizerSection(_Section):
+    """Validated up front for AdamW as for AdamC: an infinite lr or a beta of 1 must not reach the first step."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     type: Literal["AdamC", "AdamW"] = "AdamC"
     lr: float = Field(3e-3, gt=0, description="the peak lr; the schedule multiplies it")
     weight_decay: float = Field(0.1, ge=0)
@@ -41,6 +45,13 @@ class OptimizerSection(_Section):
     lr_max: float | None = Field(None, gt=0, description="AdamC's lr_max; default: optimizer.lr, the schedule's peak")
     exclude_embeddings_from_decay: bool = False
     torch_adam: bool = False
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerSection:
+        for index, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ValueError(f"optimizer.betas[{index}]={beta} must be in [0, 1), e.g. [0.9, 0.95]")
+        return self
 
 
 class SchedulerSection(_Section):
@@ -152,6 +163,8 @@ def one_line(err: ValidationError) -> str:
         msg = "unknown key: check its spelling against configs/train/llama_tiny.yaml"
     elif first["type"].startswith("literal_error"):
         msg = f"{msg} (got {first['input']!r})"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
 
