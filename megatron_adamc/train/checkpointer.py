@@ -185,7 +185,7 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         errors: list[str] = []
-        with CatchWriteErrors(engine.checkpoint_engine, errors):
+        with CatchWriteErrors(engine, errors):
             engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
         if not errors:
             try:
@@ -303,35 +303,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _describe(err: OSError, where: Path) -> str:
-    return f"{err.strerror or type(err).__name__} ({err.filename or where})"
+def _describe(err: Exception, where: Path) -> str:
+    """One line for a failed write; a full file system is named as such whatever the exception says."""
+    try:
+        full = shutil.disk_usage(where if where.is_dir() else where.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if isinstance(err, OSError) and err.strerror:
+        what = err.strerror
+    else:
+        what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if full and "No space left" not in what:
+        what = f"No space left on device ({what})"
+    return f"{what} ({getattr(err, 'filename', None) or where})"
 
 
 class CatchWriteErrors:
     """Inside DeepSpeed's save, turn a write error into a recorded message instead of an exception, so this rank
-    still reaches DeepSpeed's barriers and the failure is agreed on after the save instead of hanging the others."""
+    still reaches DeepSpeed's barriers and the failure is agreed on after the save instead of hanging the others.
+    Every write of DeepSpeed's save goes through these: its checkpoint engine's ``save``/``makedirs`` and the
+    engine's copy of its recovery scripts (``zero_to_fp32.py``) beside the checkpoints."""
 
-    METHODS = ("save", "makedirs")
-
-    def __init__(self, checkpoint_engine: Any, errors: list[str]) -> None:
-        self.target = checkpoint_engine
+    def __init__(self, engine: Any, errors: list[str]) -> None:
+        self.targets = [(engine.checkpoint_engine, "save"), (engine.checkpoint_engine, "makedirs")]
+        if hasattr(engine, "_copy_recovery_script"):
+            self.targets.append((engine, "_copy_recovery_script"))
         self.errors = errors
 
     def __enter__(self) -> None:
-        for name in self.METHODS:
-            original = getattr(self.target, name)
+        for target, name in self.targets:
+            original = getattr(target, name)
 
             def guarded(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
                 if self.errors:
                     return None  # already failed: write nothing more
                 try:
                     return _original(*args, **kwargs)
-                except OSError as err:
+                except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
                     self.errors.append(_describe(err, Path(str(args[-1]) if args else ".")))
                     return None
 
-            setattr(self.target, name, guarded)
+            setattr(target, name, guarded)
 
     def __exit__(self, *exc: Any) -> None:
-        for name in self.METHODS:
-            vars(self.target).pop(name, None)  # back to the class's method
+        for target, name in self.targets:
+            vars(target).pop(name, None)  # back to the class's method

@@ -62,7 +62,7 @@ class PreemptionHandler:
         # Only set a flag: no I/O or collectives inside a signal handler. A second Ctrl-C means "now": abort at
         # once (no checkpoint), as a user who presses it twice expects.
         if signum == signal.SIGINT and self.received is not None:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, _exit_now)  # a third one while the abort unwinds: out, no questions
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signal.Signals(signum)
@@ -119,6 +119,10 @@ class PreemptionHandler:
             return False
         _log(f"requeued job {job_id}")
         return True
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(130)
 
 
 def _rank() -> int:

@@ -42,6 +42,7 @@ from megatron_adamc.metrics_file import (
 )  # fmt: skip
 from megatron_adamc.train import universal
 from megatron_adamc.train.build import (
+    base_optimizer,
     build_data,
     build_engine,
     build_model,
@@ -171,7 +172,15 @@ class Trainer:
         """Model, optimizer, data position, guard and RNG from ``candidate``; config changes applied and logged."""
         state = candidate.state
         same_world = not self.plan.world_size_changed
+        # What each group is (decayed or not, its name), as built: DeepSpeed 0.19.8's ZeRO-3 universal load copies
+        # group 0's hyperparameters into EVERY group, which would decay norm gains and biases from then on.
+        built = [(g["weight_decay"] > 0, g.get("name")) for g in self.engine.optimizer.param_groups]
         self.checkpointer.load(self.engine, candidate, tag=load_tag, restore_rng=same_world)
+        # ... and hands every sub-group's state the SAME ``step`` tensor, which torch's Adam increments in place: each
+        # step would then count once per sub-group. One tensor each, as a fresh optimizer has.
+        for opt_state in base_optimizer(self.engine).state.values():
+            if isinstance(opt_state.get("step"), torch.Tensor):
+                opt_state["step"] = opt_state["step"].clone()
         if not same_world:
             # Rank r of the new world has no saved stream: derive every rank's seeds from (seed, step, rank).
             seed = hash((self.config.seed, candidate.step, self.env.rank)) % 2**31
@@ -182,10 +191,12 @@ class Trainer:
         self.guard.load_state_dict(state.get("guard", {}))
         self.resumed_from = candidate.tag
         opt = self.config.optimizer
-        for group in self.engine.optimizer.param_groups:  # the checkpoint restored the old values: the config rules
-            if group["weight_decay"] > 0:
-                group["weight_decay"] = opt.weight_decay
+        # The checkpoint restored the old values: the config rules (a changed weight decay takes effect, logged).
+        for group, (decayed, name) in zip(self.engine.optimizer.param_groups, built, strict=True):
+            group["weight_decay"] = opt.weight_decay if decayed else 0.0
             group["betas"], group["eps"] = tuple(opt.betas), opt.eps
+            if name is not None:
+                group["name"] = name
 
     # ================================================================== train
     def train(self) -> dict[str, Any]:
