@@ -88,4 +88,6 @@ def test_resume_on_another_world_size(tmp_path, stage) -> None:
         rows = MetricsFile(out).read().rows
         assert [r["tokens"] for r in rows] == [r["tokens"] for r in MetricsFile(reference).read().rows]
         # Same samples in every global step; only the reduction order differs (measured: < 1e-6 relative).
-        assert max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, ref, strict=True)) < 1e-5
+        worst = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, ref, strict=True))
+        print(f"ZeRO-{stage} {out.name}: max relative loss difference {worst:.2e}")
+        assert worst < 1e-5
