@@ -54,6 +54,18 @@ def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 600, 
     return output
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _pristine_torch_linear():
+    """An in-process ZeRO-3 engine replaces ``torch.nn.functional.linear`` with DeepSpeed's memory-efficient linear
+    for the life of the process ("This will persist unless manually reset"): put it back after each module, so no
+    later test (activation memory, selective checkpointing) measures DeepSpeed's linear instead of torch's."""
+    import torch
+
+    original = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = original
+
+
 @pytest.fixture(scope="module")
 def single_rank_dist():
     """A one-rank gloo process group in the pytest process, for engines built in-process. DeepSpeed's engine reads

@@ -61,10 +61,13 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 def validate_train_config(config: Path, overrides: list[str], run_dir: Path, world_size: int) -> None:
     """What ``megatron-adamc train`` checks before anything else, at the job's world size; raises its UserError."""
+    import contextlib
+
     from megatron_adamc.train.config import load_config
     from megatron_adamc.train.preflight import preflight
 
-    preflight(load_config(config, overrides), run_dir, world_size)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is the sbatch line
+        preflight(load_config(config, overrides), run_dir, world_size)
 
 
 def build_command(args: argparse.Namespace) -> tuple[list[str], Path]:

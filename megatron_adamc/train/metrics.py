@@ -57,7 +57,7 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
-    def event(self, kind: str, step: int, message: str | None = None, **fields: Any) -> None:
+    def event(self, kind: str, step: int, message: str | None = None, /, **fields: Any) -> None:
         """An event record in metrics.jsonl, and a line in the log."""
         if not self.enabled:
             return
