@@ -52,9 +52,14 @@ def test_resume_is_bitwise_exact(tmp_path, data_cache, stage):
 
 def test_run_directory_contents(tmp_path, data_cache):
     out = tmp_path / "run"
-    proc = run(train_cmd(out, data_cache, "logging.tensorboard=true"))
+    # A hair-trigger spike alarm (z > 0.01 over the last 8 steps) so that spike events happen in 12 steps.
+    proc = run(train_cmd(out, data_cache, "logging.tensorboard=true", "tracking.spike_zscore=0.01"))
     assert "final train loss" in proc.stdout and "validation loss" in proc.stdout
-    records = MetricsFile(out).read(strict=True).rows
+    metrics = MetricsFile(out).read(strict=True)
+    records = metrics.rows
+    spikes = [e for e in metrics.events if e["event"] == "spike"]
+    assert spikes and all(e["kind"] in ("loss", "grad_norm") and e["zscore"] > 0.01 for e in spikes)
+    assert all(f"spike at step {e['step']}" in proc.stdout for e in spikes)  # written and printed
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("step", "tokens", "loss", "lr", "weight_decay", "grad_norm", "tokens_per_s"):
         assert key in records[-1], key
