@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_TRAIN_SETS
 
+from megatron_adamc.metrics_file import MetricsFile
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "megatron_adamc" / "launch" / "slurm"  # shipped in the package; the checkout's launch/slurm links here
 STANDIN = REPO / "tests" / "slurm" / "standin_train.py"
@@ -221,8 +223,8 @@ def wait_for(predicate, timeout: float, what: str, cluster=None, job: int | None
 
 
 def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    """The trainer's rows (events aside), while it may still be writing."""
+    return MetricsFile(out).read().rows
 
 
 def runs(out: Path) -> list[dict]:
@@ -265,7 +267,7 @@ def uninterrupted(cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 def test_two_node_job_completes(uninterrupted: tuple[Path, dict[str, str]]) -> None:
     out, info = uninterrupted
     assert info["NumNodes"] == "2" and info["Restarts"] == "0"
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())  # the stand-in's own record
     assert run["world_size"] == 2 and run["num_nodes"] == 2 and run["nodes"] == ["n1", "n2"]
     assert run["master_addr"] == "127.0.0.1"  # the first node's NodeAddr from scontrol, not a guess
     rows = metrics(out)
@@ -347,8 +349,8 @@ def trainer_uninterrupted(cluster, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.slow
 def test_train_sbatch_runs_the_trainer_on_two_nodes(trainer_uninterrupted: Path) -> None:
     out = trainer_uninterrupted
-    run = json.loads((out / "run.json").read_text())
-    assert run["world_size"] == 2 and run["num_nodes"] == 2
+    (invocation,) = json.loads((out / "run.json").read_text())["invocations"]
+    assert invocation["world_size"] == 2 and invocation["num_nodes"] == 2 and invocation["slurm_job_id"]
     losses = [r["loss"] for r in metrics(out)]
     assert len(losses) == int(TRAIN_SETS[0].split("=")[1])
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -367,7 +369,8 @@ def test_train_preempted_resumes_with_the_same_losses(cluster, trainer_uninterru
     finally:
         subprocess.run(["scancel", str(job)], env=cluster.env)
     assert info["Restarts"] == "1"
-    assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 5
+    invocations = json.loads((out / "run.json").read_text())["invocations"]
+    assert len(invocations) == 2 and invocations[1]["start_step"] >= 5  # one entry per invocation, the requeue
     resumed, base = metrics(out), metrics(trainer_uninterrupted)
     assert [r["step"] for r in resumed] == [r["step"] for r in base]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in base], rel=1e-6, abs=1e-7)
