@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 RUN_DIR ?= runs/llama_tiny
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test lint bench gpu-wheels
 setup:
 	@bash launch/setup.sh
 
@@ -17,3 +17,7 @@ test: setup
 
 bench: setup
 	$(VENV)/python benchmarks/optimizer_step.py
+
+# Wheels (and the Megatron-LM part) the GPU check carries to the device machine: .whl/ (ignored). docs/gpu.md
+gpu-wheels: setup
+	PYTHON=$(VENV)/python bash launch/gpu_wheels.sh

@@ -1,11 +1,12 @@
 """Tokens/s of the trainer (DeepSpeed engine, AdamC) against a bare PyTorch loop, side by side in one run.
 
-The trainer row is the real code path of ``megatron-adamc train``: ``Trainer(config, run_dir).run()`` with tracking,
-TensorBoard, W&B and the progress bar off, read back from its metrics.jsonl (``step_time_s``, the span the trainer
-times for ``tokens_per_s``). A second trainer row ("wall") times the whole loop iteration, log call to log call, so
-per-step work outside the timed span (logging, preemption check) is not hidden. The bare loop uses the same model
-config, seed, batches (same dataset, same sampler) and AdamW hyperparameters, decay groups, lr schedule and grad
-clipping, with ``torch.optim.AdamW`` and no DeepSpeed; under a bf16 DeepSpeed JSON it runs in ``torch.autocast``.
+The trainer row is the real code path of ``megatron-adamc train``: ``Trainer.build(config, run_dir).train()`` with
+tracking, TensorBoard, W&B and the progress bar off, read back from its metrics.jsonl (``step_time_s``, the span the
+trainer times for ``tokens_per_s``). A second trainer row ("wall") times the whole loop iteration, log call to log
+call, so per-step work outside the timed span (logging, preemption check) is not hidden. The bare loop uses the same
+model config, seed, batches (same dataset, same sampler) and AdamW hyperparameters, decay groups, lr schedule and
+grad clipping, with ``torch.optim.AdamW`` and no DeepSpeed; under a bf16 DeepSpeed JSON it runs in
+``torch.autocast``.
 
 Blocks alternate (trainer, bare, bare, trainer, ...) so that drift in machine load hits both alike; the first
 ``--warmup`` steps of every block are dropped. tokens/s = measured tokens / measured seconds over all blocks.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import shutil
@@ -44,9 +44,11 @@ def _sync(device: torch.device) -> None:
 
 
 def trainer_block(config_path: str, overrides: list[str], steps: int, warmup: int, out: Path) -> dict[str, list[float]]:
-    """One ``Trainer.run()`` of ``warmup + steps`` steps; the measured steps' in-trainer and wall times."""
-    from megatron_adamc.train import trainer as trainer_mod
+    """One ``Trainer.train()`` of ``warmup + steps`` steps; the measured steps' in-trainer and wall times."""
+    from megatron_adamc.metrics_file import MetricsFile
     from megatron_adamc.train.config import load_config
+    from megatron_adamc.train.metrics import MetricsLogger
+    from megatron_adamc.train.trainer import Trainer
 
     total = warmup + steps
     base = load_config(config_path, overrides)
@@ -67,18 +69,18 @@ def trainer_block(config_path: str, overrides: list[str], steps: int, warmup: in
     )
     run_dir = Path(tempfile.mkdtemp(prefix="trainer-", dir=out))
     stamps: list[float] = []
-    original = trainer_mod.MetricsLogger.log
+    original = MetricsLogger.log
 
     def log(self, record):  # noqa: ANN001 - a timestamp per logged step, then the trainer's own logging
         original(self, record)
         stamps.append(time.perf_counter())
 
-    trainer_mod.MetricsLogger.log = log
+    MetricsLogger.log = log
     try:
-        trainer_mod.Trainer(config, run_dir).run()
+        Trainer.build(config, run_dir).train()
     finally:
-        trainer_mod.MetricsLogger.log = original
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        MetricsLogger.log = original
+    records = MetricsFile(run_dir).read(strict=True).rows
     assert [r["step"] for r in records] == list(range(1, total + 1)), "the trainer logged other steps than asked"
     return {
         "timed": [r["step_time_s"] for r in records[warmup:]],
@@ -91,7 +93,7 @@ class BareLoop:
     """The trainer's step with torch only: same model, batches, AdamW hyperparameters, schedule and clipping."""
 
     def __init__(self, config_path: str, overrides: list[str]) -> None:
-        from megatron_adamc.train import trainer as trainer_mod
+        from megatron_adamc.train.build import build_data
         from megatron_adamc.train.config import load_config
         from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision
         from megatron_adamc.train.distributed import init_distributed
@@ -100,46 +102,47 @@ class BareLoop:
         self.env = init_distributed()
         tc = self.config.train
         self.samples_per_step = tc.micro_batch_size * tc.grad_accum * self.env.world_size
-        tokenizer, self.train_ds, _ = trainer_mod._prepare_data(
+        data = build_data(
             self.config, self.env, tc.steps * self.samples_per_step, self.config.eval.batches * tc.micro_batch_size
         )
-        self.model_config = trainer_mod._model_config(self.config, tokenizer.vocab_size)
+        self.train_ds, self.vocab_size = data.train, data.tokenizer.vocab_size
         self.precision = precision(build_deepspeed_config(self.config, self.env.world_size))
         if self.precision == "fp16":
             raise SystemExit("the bare loop does bf16 (autocast) or fp32; fp16 needs a loss scaler it does not have")
 
     def run(self, steps: int, warmup: int) -> dict[str, list[float]]:
         import megatron_adamc.deepspeed as mad
-        from megatron_adamc.data.sampler import batch_indices
-        from megatron_adamc.model import Llama
-        from megatron_adamc.train.schedule import lr_multiplier
-        from megatron_adamc.train.trainer import _batch
+        from megatron_adamc.data.loader import BatchLoader
+        from megatron_adamc.train.build import build_model, parallelize
+        from megatron_adamc.train.schedule import LRSchedule
 
         config, tc, env = self.config, self.config.train, self.env
         total = warmup + steps
         torch.manual_seed(config.seed)
-        model = Llama(self.model_config, seed=config.seed).to(env.device)
+        model = build_model(config, self.vocab_size).to(env.device)
+        parallelize(config, model)
         groups = mad.decay_param_groups(model, exclude_embeddings=config.optimizer.exclude_embeddings_from_decay)
         opt = config.optimizer
         kw = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
         optimizer = torch.optim.AdamW(groups, **kw)
-        sched = config.scheduler
-        schedule_steps = max(tc.steps, total + 1)
-        multiplier = lr_multiplier(
-            sched.type, schedule_steps, sched.warmup_steps, sched.min_lr / opt.lr, sched.decay_fraction
+        schedule = LRSchedule(
+            config.model_copy(update={"train": tc.model_copy(update={"steps": max(tc.steps, total + 1)})})
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        data = config.data
+        batches = BatchLoader(
+            self.train_ds, tc.micro_batch_size, env.rank, env.world_size, 0, data.num_workers, data.prefetch_factor,
+            env.device,
+        )  # fmt: skip
         autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         model.train()
-        consumed, times, losses = 0, [], []
-        for _ in range(total):
+        times, losses = [], []
+        for step in range(1, total + 1):
             _sync(env.device)
             t0 = time.perf_counter()
+            schedule.apply(optimizer.param_groups, step)
             micro = []
             for _ in range(tc.grad_accum):
-                indices = batch_indices(consumed, tc.micro_batch_size, env.rank, env.world_size)
-                tokens, labels = _batch(self.train_ds, indices, env.device)
-                consumed += tc.micro_batch_size * env.world_size
+                tokens, labels = next(batches)
                 with autocast:
                     loss, _ = model.loss(model(tokens), labels)
                 (loss / tc.grad_accum).backward()
@@ -148,9 +151,9 @@ class BareLoop:
                 float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))  # the trainer reads it too
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             losses.append(float(torch.stack(micro).mean()))
             times.append(time.perf_counter() - t0)
+        batches.close()
         self.flops_per_token = model.flops_per_token(tc.seq_len)
         return {"timed": times[warmup:], "loss": losses}
 
@@ -180,7 +183,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, zero_stage
-    from megatron_adamc.train.trainer import _mfu
+    from megatron_adamc.train.trainer import mfu as model_flops_utilization
 
     out = args.out or Path(tempfile.mkdtemp(prefix="train_throughput-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +234,7 @@ def main() -> None:
     for name, value in rows:
         line = f"| {name} | {value:,.0f} | {value / rate['bare']:.3f} |"
         if cuda:
-            mfu = _mfu(flops_per_token, value, env)
+            mfu = model_flops_utilization(flops_per_token, value, env)
             line += f" {mfu * 100:.1f}% |" if mfu is not None else " n/a |"
         print(line)
     ratio = rate["trainer"] / rate["bare"]

@@ -20,7 +20,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # DeepSpeed builds against the torch above; with build isolation it would pull another torch.
 "${PIP[@]}" --no-build-isolation deepspeed
-"${PIP[@]}" --no-build-isolation -e ".[dev]"
+# The editable install goes through build_backend/ (pyproject.toml), which adds the start-up hook
+# (megatron_adamc_autoload.pth/.start) to site-packages: "type": "AdamC" then works without register().
+"${PIP[@]}" --no-build-isolation -e ".[dev,test]"
 # Build the ops DeepSpeed JIT-compiles on first use (about 100 s each on 2 cores), once, in one process.
 .venv/bin/python - <<'PY'
 import time

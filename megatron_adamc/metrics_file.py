@@ -60,6 +60,15 @@ def decode_number(value: Any) -> Any:
     return _NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """One line as a record, or None for anything else (a torn write, a foreign line)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def encode_line(record: dict[str, Any]) -> str:
     return json.dumps(_encode(record)) + "\n"
 
@@ -118,17 +127,12 @@ class MetricsFile:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not an object")
-            except ValueError as err:
+            record = _parse(line)
+            if record is None:
                 if number == len(lines) or not strict:
                     out.torn_lines += 1
                     continue
-                raise MetricsFileError(
-                    f"{self.path}:{number}: not a JSON object ({err}); fix or delete that line"
-                ) from None
+                raise MetricsFileError(f"{self.path}:{number}: not a JSON object; fix or delete that line")
             record = {k: decode_number(v) if k != EVENT else v for k, v in record.items()}
             if record.get(EVENT):
                 out.events.append(record)
@@ -146,11 +150,8 @@ class MetricsFile:
         except OSError:
             return None
         for line in reversed(lines):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and STEP in record and not record.get(EVENT):
+            record = _parse(line)
+            if record is not None and STEP in record and not record.get(EVENT):
                 return {k: decode_number(v) for k, v in record.items()}
         return None
 
@@ -163,11 +164,8 @@ class MetricsFile:
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not an object")
-            except ValueError:
+            record = _parse(line)
+            if record is None:
                 torn += 1
                 continue
             if record.get(STEP, 0) <= last_step:

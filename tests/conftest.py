@@ -54,6 +54,18 @@ def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 600, 
     return output
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _pristine_torch_linear():
+    """An in-process ZeRO-3 engine replaces ``torch.nn.functional.linear`` with DeepSpeed's memory-efficient linear
+    for the life of the process ("This will persist unless manually reset"): put it back after each module, so no
+    later test (activation memory, selective checkpointing) measures DeepSpeed's linear instead of torch's."""
+    import torch
+
+    original = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = original
+
+
 @pytest.fixture(scope="module")
 def single_rank_dist():
     """A one-rank gloo process group in the pytest process, for engines built in-process. DeepSpeed's engine reads
@@ -70,7 +82,9 @@ def single_rank_dist():
     deepspeed.init_distributed(dist_backend="gloo")
     yield
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # DeepSpeed's own call: it also drops the groups DeepSpeed cached (its world and data-parallel groups), which
+        # would otherwise point the next module's engines at this destroyed group ("Group ... is not registered").
+        deepspeed.comm.destroy_process_group()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 
 from megatron_adamc import cli
 from megatron_adamc.data import (
-    DataError,
     Tokenizer,
     batch_indices,
     build_gpt_datasets,
@@ -28,6 +27,7 @@ from megatron_adamc.data import (
     write_stdlib_corpus,
 )
 from megatron_adamc.data.corpus import is_validation, list_stdlib_sources
+from megatron_adamc.errors import DataError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

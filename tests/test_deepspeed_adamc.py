@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import WORKERS, torchrun
-from workers.ds_adamc_worker import LR, MICRO_BATCH, PEAK, SCHEDULERS, STEPS, WD, batch, make_model
+from workers.ds_adamc_worker import LR, MICRO_BATCH, PEAK, SCHEDULERS, STEPS, WD, batch, make_model, max_rel_diff
 
 from megatron_adamc.param_groups import decay_param_groups
 
@@ -38,11 +38,6 @@ def results(tmp_path_factory):
         return cache[stage]
 
     return get
-
-
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)).item() for k in a)
 
 
 def torch_reference(lrs: list[list[float]], peak: float) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Slurm launch, tested on a real two-node Slurm cluster on this machine (launch/slurm/cluster/local_cluster.py).
+"""Slurm launch, tested on a real two-node Slurm cluster on this machine (tests/slurm/local_cluster.py).
 
 The mechanics (two nodes, rendezvous, signals through the batch shell, srun and torchrun, checkpoint, requeue,
 resume, crash requeue) are proven with tests/slurm/standin_train.py, a real gloo job with the trainer's command
@@ -22,14 +22,16 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_TRAIN_SETS
 
+from megatron_adamc.metrics_file import MetricsFile
+
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH = REPO / "launch" / "slurm"
+LAUNCH = REPO / "megatron_adamc" / "launch" / "slurm"  # shipped in the package; the checkout's launch/slurm links here
 STANDIN = REPO / "tests" / "slurm" / "standin_train.py"
 TINY_CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
 # The real trainer on the tests' small model and corpus (see conftest), short enough for CI.
 TRAIN_SETS = ["train.steps=60", *SMALL_TRAIN_SETS, "eval.interval=30"]
 
-_spec = importlib.util.spec_from_file_location("local_cluster", LAUNCH / "cluster" / "local_cluster.py")
+_spec = importlib.util.spec_from_file_location("local_cluster", REPO / "tests" / "slurm" / "local_cluster.py")
 local_cluster = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_cluster)
 
@@ -61,7 +63,7 @@ def config(tmp_path: Path) -> Path:
 
 def test_dry_run_renders_the_sbatch_line_the_script_expects(config: Path, tmp_path: Path) -> None:
     out = tmp_path / "run dir"
-    sets = ["optimizer.lr=3e-4", "data.path=/data/my corpus", "name=it's $HOME"]
+    sets = ["optimizer.lr=3e-4", "data.cache_dir=/data/my corpus", "logging.wandb_project=it's $HOME"]
     proc = cli(
         "slurm", "submit", "--config", str(config), "--nodes", "4", "--gpus-per-node", "8", "--time", "2-00:00:00",
         "--partition", "gpu", "--output-dir", str(out), *[a for kv in sets for a in ("--set", kv)], "--dry-run",
@@ -129,6 +131,41 @@ def test_bad_input_is_one_line_and_exit_2(config: Path, tmp_path: Path, args: li
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["unknown_key", "empty_dataset"])
+def test_dry_run_refuses_an_invalid_config_with_the_line_train_prints(config: Path, tmp_path: Path, kind: str) -> None:
+    if kind == "unknown_key":
+        sets, message = ["train.stepz=3"], "config: train.stepz: unknown key"
+    else:
+        prefix = tmp_path / "corpus"
+        prefix.with_suffix(".bin").write_bytes(b"")
+        prefix.with_suffix(".idx").write_bytes(b"")
+        sets = ["data.default_corpus=false", f"data.train={prefix}", f"data.tokenizer={tmp_path / 'tok.model'}"]
+        message = f"data.train: {prefix}.idx is empty (0 bytes)"
+    out = tmp_path / "never"
+    argv = ["--config", str(config), "--output-dir", str(out), *[a for kv in sets for a in ("--set", kv)]]
+    submitted = cli("slurm", "submit", "--nodes", "2", "--nproc-per-node", "2", "--dry-run", *argv)
+    trained = cli("train", *argv)
+    assert submitted.returncode == trained.returncode == 2 and submitted.stdout == ""
+    lines = [p.stderr.strip().splitlines() for p in (submitted, trained)]
+    assert all(len(lns) == 1 for lns in lines), lines
+    assert lines[0][0].startswith("megatron-adamc slurm: error: ") and message in lines[0][0]
+    assert lines[0][0].split(": error: ", 1)[1] == lines[1][0].split(": error: ", 1)[1]  # the very line train prints
+    assert not out.exists()
+
+
+def test_dry_run_checks_the_config_at_the_jobs_world_size(config: Path, tmp_path: Path, capsys) -> None:
+    from megatron_adamc.cli import main
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 1}}))
+    argv = ["slurm", "submit", "--config", str(config), "--nodes", "2", "--dry-run"]
+    argv += ["--set", f"train.deepspeed={ds}", "--set", "train.micro_batch_size=2", "--set", "train.grad_accum=1"]
+    assert main([*argv, "--nproc-per-node", "4"]) == 0  # 2 nodes x 4 processes x 2 = 16
+    assert capsys.readouterr().out.startswith("sbatch ")
+    assert main([*argv, "--nproc-per-node", "2"]) == 2
+    assert "train_batch_size=16 contradicts micro_batch_size x grad_accum x world size = 8" in capsys.readouterr().err
+
+
 def test_shell_scripts_parse_and_pass_shellcheck() -> None:
     scripts = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
     assert {p.name for p in scripts} >= {"train.sbatch", "megatron.sbatch", "node.sh", "common.sh", "env.sh"}
@@ -186,8 +223,8 @@ def wait_for(predicate, timeout: float, what: str, cluster=None, job: int | None
 
 
 def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    """The trainer's rows (events aside), while it may still be writing."""
+    return MetricsFile(out).read().rows
 
 
 def runs(out: Path) -> list[dict]:
@@ -213,7 +250,8 @@ def scancel(cluster, *args: str) -> None:
     subprocess.run(["scancel", *args], env=cluster.env, check=True)
 
 
-STANDIN_SETS = ["train.steps=30", "train.save_interval=5", "standin.step_seconds=0.3"]
+STANDIN_SETS = ["train.steps=30", "checkpoint.interval=5"]  # valid trainer keys: `slurm submit` checks them
+STANDIN_ENV = {"MEGATRON_ADAMC_ENTRY": str(STANDIN), "STANDIN_STEP_SECONDS": "0.3"}
 
 
 @pytest.fixture(scope="module")
@@ -222,14 +260,14 @@ def uninterrupted(cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     config = tmp / "config.yaml"
     config.write_text("train: {}\n")
     out = tmp / "run"
-    job = submit(cluster, config, out, STANDIN_SETS, MEGATRON_ADAMC_ENTRY=str(STANDIN))
+    job = submit(cluster, config, out, STANDIN_SETS, **STANDIN_ENV)
     return out, finish(cluster, job, out)
 
 
 def test_two_node_job_completes(uninterrupted: tuple[Path, dict[str, str]]) -> None:
     out, info = uninterrupted
     assert info["NumNodes"] == "2" and info["Restarts"] == "0"
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())  # the stand-in's own record
     assert run["world_size"] == 2 and run["num_nodes"] == 2 and run["nodes"] == ["n1", "n2"]
     assert run["master_addr"] == "127.0.0.1"  # the first node's NodeAddr from scontrol, not a guess
     rows = metrics(out)
@@ -241,7 +279,7 @@ def test_two_node_job_completes(uninterrupted: tuple[Path, dict[str, str]]) -> N
 
 def test_preempted_twice_requeues_resumes_and_matches(cluster, uninterrupted, config: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    job = submit(cluster, config, out, STANDIN_SETS, MEGATRON_ADAMC_ENTRY=str(STANDIN))
+    job = submit(cluster, config, out, STANDIN_SETS, **STANDIN_ENV)
     try:
         # 1st preemption: signal the job's steps (what Slurm does for --signal=USR1@T without B:).
         wait_for(lambda: len(metrics(out)) >= 5, 180, "5 steps", cluster, job)
@@ -269,8 +307,8 @@ def test_preempted_twice_requeues_resumes_and_matches(cluster, uninterrupted, co
 
 def test_dead_rank_takes_the_job_down_and_the_requeue_resumes(cluster, uninterrupted, config, tmp_path) -> None:
     out = tmp_path / "run"
-    sets = [*STANDIN_SETS, "standin.crash_rank=1", "standin.crash_at=12"]
-    job = submit(cluster, config, out, sets, MEGATRON_ADAMC_ENTRY=str(STANDIN), MAX_FAILURE_REQUEUES="1")
+    crash = {"STANDIN_CRASH_RANK": "1", "STANDIN_CRASH_AT": "12", "MAX_FAILURE_REQUEUES": "1"}
+    job = submit(cluster, config, out, STANDIN_SETS, **STANDIN_ENV, **crash)
     try:
         info = finish(cluster, job, out, timeout=400)
     finally:
@@ -311,8 +349,8 @@ def trainer_uninterrupted(cluster, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.slow
 def test_train_sbatch_runs_the_trainer_on_two_nodes(trainer_uninterrupted: Path) -> None:
     out = trainer_uninterrupted
-    run = json.loads((out / "run.json").read_text())
-    assert run["world_size"] == 2 and run["num_nodes"] == 2
+    (invocation,) = json.loads((out / "run.json").read_text())["invocations"]
+    assert invocation["world_size"] == 2 and invocation["num_nodes"] == 2 and invocation["slurm_job_id"]
     losses = [r["loss"] for r in metrics(out)]
     assert len(losses) == int(TRAIN_SETS[0].split("=")[1])
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -331,7 +369,8 @@ def test_train_preempted_resumes_with_the_same_losses(cluster, trainer_uninterru
     finally:
         subprocess.run(["scancel", str(job)], env=cluster.env)
     assert info["Restarts"] == "1"
-    assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 5
+    invocations = json.loads((out / "run.json").read_text())["invocations"]
+    assert len(invocations) == 2 and invocations[1]["start_step"] >= 5  # one entry per invocation, the requeue
     resumed, base = metrics(out), metrics(trainer_uninterrupted)
     assert [r["step"] for r in resumed] == [r["step"] for r in base]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in base], rel=1e-6, abs=1e-7)

@@ -1,20 +1,20 @@
-"""The trainer end to end on this CPU: exact resume on ZeRO 1, 2, 3 with 2 gloo ranks, the run directory's files,
-and every bad input failing with one line while an existing run directory stays untouched."""
+"""The trainer end to end on this CPU: the run directory's files, the scale features keeping the losses, and every bad
+input failing with one line while an existing run directory stays untouched (exact resume: test_resume_rules.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL_CORPUS_DIR, SMALL_TRAIN_SETS, free_port, subprocess_env
+import trainer_runs as runs
+from conftest import SMALL_CORPUS_DIR
+from trainer_runs import losses, run
 
+from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.train.schedule import lr_multiplier
 
-CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
-SMALL = [*SMALL_TRAIN_SETS, "train.steps=12", "eval.interval=6"]
+SMALL = ["eval.interval=6"]
 
 
 @pytest.fixture(scope="session")
@@ -23,47 +23,19 @@ def data_cache() -> str:
 
 
 def train_cmd(out: Path, data_cache: str, *sets: str, nproc: int = 1) -> list[str]:
-    head = [sys.executable]
-    if nproc > 1:
-        head += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{free_port()}"]  # fmt: skip
-    head += ["-m", "megatron_adamc.cli", "train", "--config", str(CONFIG), "--output-dir", str(out)]
-    for item in [*SMALL, f"data.cache_dir={data_cache}", *sets]:
-        head += ["--set", item]
-    return head
-
-
-def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=900)
-    if check and proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_is_bitwise_exact(tmp_path, data_cache, stage):
-    ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
-    full, split = tmp_path / "full", tmp_path / "split"
-    run(train_cmd(full, data_cache, ds, nproc=2))
-    first = run(train_cmd(split, data_cache, ds, "train.stop_at_step=6", nproc=2))
-    assert "stopping at train.stop_at_step=6" in first.stdout + first.stderr
-    assert [s for s, _ in losses(split)] == list(range(1, 7))
-    second = run(train_cmd(split, data_cache, ds, nproc=2))
-    assert "resumed from" in second.stdout + second.stderr
-    assert losses(split) == losses(full)  # bitwise: same floats, same steps
-    assert json.loads((split / "run.json").read_text())["resumed_from_step"] == 6
+    return runs.train_cmd(out, *SMALL, f"data.cache_dir={data_cache}", *sets, nproc=nproc)
 
 
 def test_run_directory_contents(tmp_path, data_cache):
     out = tmp_path / "run"
-    proc = run(train_cmd(out, data_cache, "logging.tensorboard=true"))
+    # A hair-trigger spike alarm (z > 0.01 over the last 8 steps) so that spike events happen in 12 steps.
+    proc = run(train_cmd(out, data_cache, "logging.tensorboard=true", "tracking.spike_zscore=0.01"))
     assert "final train loss" in proc.stdout and "validation loss" in proc.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = MetricsFile(out).read(strict=True)
+    records = metrics.rows
+    spikes = [e for e in metrics.events if e["event"] == "spike"]
+    assert spikes and all(e["kind"] in ("loss", "grad_norm") and e["zscore"] > 0.01 for e in spikes)
+    assert all(f"spike at step {e['step']}" in proc.stdout for e in spikes)  # written and printed
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("step", "tokens", "loss", "lr", "weight_decay", "grad_norm", "tokens_per_s"):
         assert key in records[-1], key
@@ -74,8 +46,9 @@ def test_run_directory_contents(tmp_path, data_cache):
         assert r["weight_decay"] == pytest.approx(0.1 * r["lr"] / 3e-3, rel=1e-9)
     assert any(k.startswith("grad_weight_ratio/layers.0.attn.qkv") for k in records[3])
     info = json.loads((out / "run.json").read_text())
-    assert info["world_size"] == 1 and info["num_nodes"] == 1 and info["zero_stage"] == 1
-    assert info["versions"]["deepspeed"] and info["config"]["optimizer"]["type"] == "AdamC"
+    assert info["zero_stage"] == 1 and info["config"]["optimizer"]["type"] == "AdamC"
+    (invocation,) = info["invocations"]
+    assert invocation["world_size"] == 1 and invocation["num_nodes"] == 1 and invocation["versions"]["deepspeed"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
     assert list((out / "tb").iterdir())
 
@@ -123,3 +96,17 @@ def test_schedules_peak_at_one_and_end_at_min(kind):
     assert values[-1] == pytest.approx(1.0 if kind == "constant" else 0.1)
     if kind == "wsd":
         assert values[79] == 1.0 and values[80] < 1.0  # stable, then the last 20% decays
+
+
+def test_activation_checkpointing_and_loader_workers_keep_the_losses(tmp_path, data_cache):
+    """The scale features through the real trainer: same batches, same losses (the model tests bound them; here
+    they come out bitwise equal on one rank)."""
+    runs_ = {}
+    for name, sets in {
+        "plain": ["train.activation_checkpointing=none", "data.num_workers=0"],
+        "selective": ["train.activation_checkpointing=selective", "data.num_workers=2"],
+        "full": ["train.activation_checkpointing=full", "data.num_workers=1"],
+    }.items():
+        run(train_cmd(tmp_path / name, data_cache, "train.steps=6", *sets))
+        runs_[name] = losses(tmp_path / name)
+    assert runs_["selective"] == runs_["plain"] and runs_["full"] == runs_["plain"]

@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-# Module names under megatron_adamc.cli; each adds one sub-command.
-SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report"]
+# Module names under megatron_adamc.cli; each adds one sub-command (named by its register(), e.g. import-hf).
+SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report", "plan", "export", "import_hf"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MegatronAdamCError as err:
-        print(f"megatron-adamc {args.command}: error: {err}", file=sys.stderr, flush=True)
+        if _is_main_rank():  # under torchrun every rank raises the same error: one line is enough
+            print(f"megatron-adamc {args.command}: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except KeyboardInterrupt:
+        if _is_main_rank():
+            print(f"megatron-adamc {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

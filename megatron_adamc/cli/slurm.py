@@ -1,8 +1,10 @@
-"""``megatron-adamc slurm submit``: render (and run) the sbatch line for launch/slurm/*.sbatch.
+"""``megatron-adamc slurm submit``: validate the config, then render (and run) the sbatch line for the shipped
+launch/slurm/*.sbatch.
 
 WHY: sizes (nodes, GPUs, time) belong on the command line, not in edited copies of the scripts. Paths are made
 absolute here, once, so the job (and every requeue of it) sees the same config and output directory whatever
-directory it starts in.
+directory it starts in. The config gets the very checks ``train`` runs first (``load_config`` + ``preflight`` at the
+job's world size), so a job never waits in the queue to fail on a typo.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import time
 from pathlib import Path
 
 from megatron_adamc.errors import UserError
+from megatron_adamc.resources import find_file, launch_dir
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch" / "slurm"
 SCRIPTS = {"train": "train.sbatch", "megatron": "megatron.sbatch"}
 # Slurm's --time forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 TIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
@@ -57,6 +59,17 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
         raise UserError(f"{name} must be >= {minimum}, got {value}")
 
 
+def validate_train_config(config: Path, overrides: list[str], run_dir: Path, world_size: int) -> None:
+    """What ``megatron-adamc train`` checks before anything else, at the job's world size; raises its UserError."""
+    import contextlib
+
+    from megatron_adamc.train.config import load_config
+    from megatron_adamc.train.preflight import preflight
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is the sbatch line
+        preflight(load_config(config, overrides), run_dir, world_size)
+
+
 def build_command(args: argparse.Namespace) -> tuple[list[str], Path]:
     """The sbatch argv and the resolved output directory; raises UserError on bad input."""
     _positive("--nodes", args.nodes)
@@ -64,7 +77,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], Path]:
     _positive("--nproc-per-node", args.nproc_per_node)
     if args.gpus_per_node and args.nproc_per_node and args.nproc_per_node != args.gpus_per_node:
         raise UserError("--nproc-per-node is for CPU nodes; with --gpus-per-node there is one process per GPU")
-    config = Path(args.config).expanduser().resolve()
+    config = find_file(args.config).resolve()
     if not config.is_file():
         raise UserError(f"--config {args.config}: no such file")
     if args.time is not None and not TIME_RE.match(args.time):
@@ -76,9 +89,12 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], Path]:
         out = Path(args.output_dir).expanduser().resolve()
     else:
         out = (Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    script = LAUNCH_DIR / SCRIPTS[args.script]
+    scripts = launch_dir()
+    script = scripts / SCRIPTS[args.script]
     nproc = args.gpus_per_node or args.nproc_per_node or 1
-    exports = {"NPROC_PER_NODE": str(nproc), "MEGATRON_ADAMC_LAUNCH_DIR": str(LAUNCH_DIR)}
+    if args.script == "train":
+        validate_train_config(config, args.set, out, args.nodes * nproc)
+    exports = {"NPROC_PER_NODE": str(nproc), "MEGATRON_ADAMC_LAUNCH_DIR": str(scripts)}
     if args.container_image:
         exports["CONTAINER_IMAGE"] = args.container_image
     for key, value in exports.items():

@@ -21,5 +21,5 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    Trainer(config, args.output_dir).run()
+    Trainer.build(config, args.output_dir).train()
     return 0

@@ -85,6 +85,12 @@ class AmaxHistory:
         if math.isfinite(amax):
             self.values.append(amax)
 
+    def state_dict(self) -> list[float]:
+        return list(self.values)
+
+    def load_state_dict(self, values: list[float]) -> None:
+        self.values = deque(values, maxlen=self.length)
+
 
 def summarize(sums: list[float]) -> dict[str, float]:
     """Fractions and relative error from the summed columns of ``fp8_sums``."""

@@ -1,9 +1,10 @@
 """Data for pretraining: the default stdlib corpus, a SentencePiece tokenizer, Megatron indexed datasets, and
 megatron-core's GPTDataset with a resumable data-parallel sampler.
 
-The trainer needs only: ``prepare_default_data``, ``Tokenizer``, ``build_gpt_datasets``, ``batch_indices`` /
-``collate``; the rest backs the ``tokenizer`` and ``preprocess`` commands. Names resolve lazily so that
-preprocess worker processes (and ``megatron-adamc --help``) do not pay for importing torch or megatron-core.
+The trainer needs only: ``prepare_default_data``, ``Tokenizer``, ``build_gpt_datasets``, ``BatchLoader`` (over
+``batch_indices`` / ``collate``); the rest backs the ``tokenizer`` and ``preprocess`` commands. Names resolve
+lazily so that preprocess worker processes (and ``megatron-adamc --help``) do not pay for importing torch or
+megatron-core.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from megatron_adamc.errors import DataError as DataError  # the bottom layer: nothing heavy to import
+
 _EXPORTS = {
-    "DataError": "errors",
+    "BatchLoader": "loader",
     "DefaultData": "default",
     "PreprocessStats": "indexed",
     "Tokenizer": "tokenizer",
@@ -26,7 +29,7 @@ _EXPORTS = {
     "write_stdlib_corpus": "corpus",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "DataError"])
 
 
 def __getattr__(name: str) -> Any:

@@ -1,14 +1,14 @@
 """Parse a data blend: a prefix, a list of prefixes, or Megatron-LM's flat ``[w1, prefix1, w2, prefix2, ...]``.
 
-Every prefix is checked for its ``.bin`` and ``.idx`` here, so a wrong ``data.*`` path fails as one line naming
-the field instead of deep inside megatron-core.
+Every prefix is checked for its ``.bin`` and ``.idx`` here (present, and their sizes agreeing with the index), so a
+wrong ``data.*`` path or a damaged file fails as one line naming the field instead of deep inside megatron-core.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
+from megatron_adamc.data.validate import check_indexed_files
 from megatron_adamc.errors import DataError
 
 Blend = tuple[list[str], list[float] | None]
@@ -47,10 +47,6 @@ def parse_blend(blend: str | Sequence[object], field: str) -> Blend:
 
 
 def check_prefix(prefix: str, field: str) -> str:
-    missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-    if missing:
-        hint = " (give the prefix without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
-        raise DataError(
-            f"{field}: dataset {prefix!r} has no {' or '.join(missing)} file{hint}; run `megatron-adamc preprocess`"
-        )
+    """The prefix, once its ``.bin``/``.idx`` pair exists and agrees with itself (``validate.check_indexed_files``)."""
+    check_indexed_files(prefix, field)
     return prefix

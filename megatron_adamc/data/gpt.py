@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from megatron_adamc.data.blend import Blend, parse_blend
 from megatron_adamc.data.megatron_import import quiet_megatron_import
 from megatron_adamc.data.tokenizer import Tokenizer
+from megatron_adamc.data.validate import check_split_sizes
 from megatron_adamc.errors import DataError
 
 
@@ -60,6 +61,9 @@ def build_gpt_datasets(
         raise DataError("data: give either a validation blend or a split string, not both")
     train = parse_blend(train_blend, "data.train")
     valid = parse_blend(valid_blend, "data.valid") if valid_blend is not None else None
+    # Before megatron-core: a split with no tokens would hang it (GPTDataset._get_num_epochs) and a bad split string
+    # would be misread.
+    check_split_sizes(train[0], valid[0] if valid is not None else None, split, seq_len)
     if valid is not None and valid[1] is not None and num_valid_samples is None:
         raise DataError("data.valid has weights, so the number of validation samples must be given")
     if not isinstance(tokenizer, Tokenizer):

@@ -1,4 +1,8 @@
-"""AdamC for DeepSpeed: ``register()`` once, then ``"type": "AdamC"`` in the DeepSpeed JSON.
+"""AdamC for DeepSpeed: ``"type": "AdamC"`` in the DeepSpeed JSON.
+
+An installed megatron-adamc registers AdamC by itself when DeepSpeed is first imported (``megatron_adamc.autoload``,
+off with MEGATRON_ADAMC_AUTOLOAD=0), so unmodified HF Trainer / Accelerate / DeepSpeed scripts need nothing more.
+Where that start-up hook cannot run (``python -S``, a copy only on PYTHONPATH), register by hand:
 
 import deepspeed, megatron_adamc.deepspeed as mad
 mad.register()

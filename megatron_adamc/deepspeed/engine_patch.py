@@ -6,7 +6,11 @@ ZeRO's "untested optimizer" check quiet) and wraps two engine methods:
 - ``_configure_basic_optimizer``: for AdamC, builds exactly the optimizer DeepSpeed builds for "AdamW" with the same
   params (FusedAdam, DeepSpeedCPUAdam under offload, torch AdamW with ``torch_adam``) and attaches the corrected
   decay to it through torch's step hooks. The kernel, and so ZeRO's exact-type support check, is unchanged.
-- ``_configure_optimizer``: refuses AdamC beside a client optimizer, which AdamC cannot correct.
+  With ``"decay_split"`` it first splits the caller's param groups into decay / no-decay (``decay_split.py``).
+- ``_configure_optimizer``: refuses AdamC beside a client optimizer, and on the DeepSpeed paths that step with
+  something other than the base optimizer (``step_paths.py``), which AdamC cannot correct.
+
+``megatron_adamc.autoload`` calls ``register()`` by itself when DeepSpeed is first imported, in any installed copy.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from typing import Any
 
 from megatron_adamc.core.adamc import ENABLED_KEY, attach_adamc
 from megatron_adamc.core.decay import AdamCError, validate_weight_decay
+from megatron_adamc.deepspeed.decay_split import PARAM as DECAY_SPLIT_PARAM
+from megatron_adamc.deepspeed.decay_split import decay_split_mode, per_caller_group, split_param_groups
 from megatron_adamc.deepspeed.peak_lr import resolve_lr_max
+from megatron_adamc.deepspeed.step_paths import refuse_unsupported_step_paths
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,11 @@ def _build_adamc(engine: Any, model_parameters: Any) -> Any:
     _check_params(params)
     lr_max = params.pop(LR_MAX_PARAM, None)
     params.pop("adam_w_mode", None)
+    split = decay_split_mode(params.pop(DECAY_SPLIT_PARAM, False))
+    if split is not None:
+        default_wd = float(params.get("weight_decay", 0.0))
+        model_parameters, origin = split_param_groups(engine.module, model_parameters, split, default_wd)
+        lr_max = per_caller_group(lr_max, origin, f"optimizer.params.{LR_MAX_PARAM}")
     optimizer_cls, kwargs = engine.get_optimizer_configuration(params, True)
     optimizer = optimizer_cls(model_parameters, **params, **kwargs)
     groups = optimizer.param_groups
@@ -52,11 +64,13 @@ def _build_adamc(engine: Any, model_parameters: Any) -> Any:
     engine.adamc_hooks = attach_adamc(optimizer, lr_maxes, enabled, lr_max_field="optimizer.params.lr_max")
     if engine.global_rank == 0:
         log.info(
-            "AdamC on %s: lr_max %s (from %s), corrected groups %s",
+            "AdamC on %s: lr_max %s (from %s), corrected groups %s, tensors per group %s%s",
             type(optimizer).__name__,
             lr_maxes,
             source,
             [i for i, (g, on) in enumerate(zip(groups, enabled, strict=True)) if on and g["weight_decay"] > 0],
+            [len(g["params"]) for g in groups],
+            f" ({DECAY_SPLIT_PARAM}: {split})" if split else "",
         )
     return optimizer
 
@@ -82,11 +96,13 @@ def register() -> None:
 
     @functools.wraps(configure)
     def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> Any:
-        if client_optimizer is not None and self._config.optimizer_name == ADAMC:
-            raise AdamCError(
-                "optimizer.type AdamC cannot correct a client optimizer passed to deepspeed.initialize: "
-                "drop optimizer= or set optimizer.type to AdamW"
-            )
+        if self._config.optimizer_name == ADAMC:
+            if client_optimizer is not None:
+                raise AdamCError(
+                    "optimizer.type AdamC cannot correct a client optimizer passed to deepspeed.initialize: "
+                    "drop optimizer= or set optimizer.type to AdamW"
+                )
+            refuse_unsupported_step_paths(self)
         return configure(self, client_optimizer, model_parameters)
 
     DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-import megatron_adamc
 from megatron_adamc.errors import UserError
 from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.resources import configs_dir, find_file
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
 MODELS: dict[str, dict[str, Any]] = {
@@ -53,12 +53,8 @@ class LlmConfig(BaseModel):
     extra: list[str] = Field(default_factory=list, description="raw trainer overrides appended to every run")
 
 
-def repo_configs() -> Path:
-    return Path(megatron_adamc.__file__).resolve().parents[1] / "configs"
-
-
 def base_config_path(cfg: LlmConfig) -> Path:
-    path = Path(os.path.expanduser(cfg.base_config)) if cfg.base_config else repo_configs() / "train/llama_tiny.yaml"
+    path = find_file(cfg.base_config) if cfg.base_config else configs_dir() / "train" / "llama_tiny.yaml"
     if not path.is_file():
         raise UserError(f"base_config={path}: no such file; pass --set base_config=PATH to a trainer YAML")
     return path

@@ -22,11 +22,11 @@ import runpy
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from megatron_adamc.megatron.megatron_lm import MegatronLMNotFound, locate_megatron_lm
+from megatron_adamc.resources import find_file
 
 PROG = "megatron_adamc.megatron.pretrain_gpt"
 ADAMC_FLAG = "--adamc"
@@ -174,7 +174,7 @@ def expand_arg_files(argv: Sequence[str]) -> list[str]:
         if not arg.startswith("@"):
             expanded.append(arg)
             continue
-        path = Path(arg[1:]).expanduser()
+        path = find_file(arg[1:])  # a configs/megatron/*.args path also finds the shipped copy
         if not path.is_file():
             raise PluginError(f"argument file {arg}: {path} does not exist; give the path of a configs/megatron/*.args")
         expanded.extend(shlex.split(path.read_text(), comments=True))

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_adamc.model.config import LlamaConfig
 from megatron_adamc.model.loss import lm_loss
@@ -171,7 +174,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. ``qkv_norm`` removes the attention pre-norm (Rybakov et al., method 2)."""
+    """Pre-norm residual block. ``qkv_norm`` removes the attention pre-norm (Rybakov et al., method 2).
+
+    With ``checkpointed`` on (``model.parallelize.apply_activation_checkpointing``) a training forward runs under
+    non-reentrant ``torch.utils.checkpoint``, with ``checkpoint_contexts`` as its ``context_fn`` when set (selective
+    checkpointing's policy; None: torch's default, the whole block recomputed). The block checkpoints itself,
+    rather than a wrapper module around it, so module and parameter names stay as they are.
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -179,8 +188,17 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpointed = False
+        self.checkpoint_contexts: Callable[[], tuple[AbstractContextManager, AbstractContextManager]] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if not self.checkpointed or not torch.is_grad_enabled():
+            return self.residual_forward(x, cos, sin)
+        if self.checkpoint_contexts is None:  # not torch's noop_context_fn: Dynamo cannot trace that one passed in
+            return checkpoint(self.residual_forward, x, cos, sin, use_reentrant=False)
+        return checkpoint(self.residual_forward, x, cos, sin, use_reentrant=False, context_fn=self.checkpoint_contexts)
+
+    def residual_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x) if self.attn_norm is not None else x, cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 

@@ -6,6 +6,11 @@ q k^T aside, without autograd, and keeps SDPA for the step). Hooks stay register
 on an armed step each keeps one device-side norm (no host sync) that the tracker reduces with everything else.
 With FP8 simulation on, the INPUT of each tracked linear (what an FP8 GEMM would cast) goes through the E4M3
 delayed-scaling cast too.
+
+Activation checkpointing recomputes a block in the backward and so runs its forward hooks a second time on the
+same values: the hooks ignore calls made inside a backward pass, so every output is counted once. A compiled model
+runs eagerly on armed steps (``torch.compiler.set_stance("force_eager")``), so the hooks never enter a compiled
+graph and a tracked step measures exactly what an eager one does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from megatron_adamc.core.fp8 import AmaxHistory
 LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 ATTENTION = re.compile(r"(?:^|\.)(layers\.\d+)\.attn$")
 SUMSQ, COUNT = range(2)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward: a forward hook called then is a checkpoint's recompute (what DeepSpeed's
+    ZeRO-3 tests too, ``torch._C._current_graph_task_id() != -1``, to tell a recompute from a forward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class ActivationStats:
@@ -60,6 +71,7 @@ class ActivationStats:
         # Columns of maxima: the input amax of each linear, then the max logit of each attention layer.
         self.maxima = torch.full((len(self.modules) + len(self.layers),), -torch.inf, device=device)
         self._scales = [1.0] * len(self.modules)
+        self._stance: Any = None
         self.armed = False
 
     def remove(self) -> None:
@@ -80,6 +92,8 @@ class ActivationStats:
                 module.track_max_logit = True
                 module.max_logit_sequences = self.max_logit_sequences
             module.last_max_logit = None
+        if self._stance is None:
+            self._stance = torch.compiler.set_stance("force_eager")
         self.armed = True
 
     def disarm(self) -> None:
@@ -87,11 +101,14 @@ class ActivationStats:
             module.track_max_logit = tracked
             module.max_logit_sequences = sequences
         self._restore = [(False, 0)] * len(self._attention)
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # back to the stance before ``arm``
+            self._stance = None
         self.armed = False
 
     def _linear_hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not self.armed or not isinstance(output, torch.Tensor):
+            if not self.armed or not isinstance(output, torch.Tensor) or in_backward():
                 return
             with torch.no_grad():
                 # One fused reduction, kept on the device; the sums are formed once, in ``sums()``.
@@ -118,7 +135,7 @@ class ActivationStats:
     def _attention_hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             logit = getattr(module, "last_max_logit", None)
-            if self.armed and isinstance(logit, torch.Tensor):
+            if self.armed and isinstance(logit, torch.Tensor) and not in_backward():
                 column = len(self.modules) + index  # all linears are known by now, not at registration
                 self.maxima[column] = torch.maximum(self.maxima[column], logit.detach().float().to(self.device))
 

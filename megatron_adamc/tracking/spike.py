@@ -60,3 +60,18 @@ class SpikeAlarm:
 
     def remember(self, metrics: dict[str, float]) -> None:
         self._previous = {k: v for k, v in metrics.items() if k.startswith(MOVED_KEYS)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "pending": list(self.pending),
+            "previous": dict(self._previous),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, values in state.get("history", {}).items():
+            if key in self.history:
+                self.history[key].clear()
+                self.history[key].extend(values)
+        self.pending = list(state.get("pending", []))
+        self._previous = dict(state.get("previous", {}))

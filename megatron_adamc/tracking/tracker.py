@@ -137,6 +137,30 @@ class Tracker:
         events, self.events = self.events, []
         return events
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue tracking as if uninterrupted: spike windows, FP8 amax histories."""
+        state: dict[str, Any] = {
+            "spikes": self.spikes.state_dict(),
+            "weight_amax": [h.state_dict() for h in self.weight_amax],
+            "grad_amax": [h.state_dict() for h in self.grad_amax],
+            "force_next": self._force_next,
+        }
+        if self.activations is not None:
+            state["activation_amax"] = [h.state_dict() for h in self.activations.histories]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spikes.load_state_dict(state.get("spikes", {}))
+        for key, histories in (("weight_amax", self.weight_amax), ("grad_amax", self.grad_amax)):
+            if len(state.get(key, [])) == len(histories):  # the same parameters (else: start the histories anew)
+                for history, values in zip(histories, state[key], strict=True):
+                    history.load_state_dict(values)
+        saved_acts = state.get("activation_amax", [])
+        if self.activations is not None and len(saved_acts) == len(self.activations.histories):
+            for history, values in zip(self.activations.histories, saved_acts, strict=True):
+                history.load_state_dict(values)
+        self._force_next = bool(state.get("force_next", False))
+
     def close(self) -> None:
         self.master.remove()
         if self.activations is not None:

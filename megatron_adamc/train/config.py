@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from megatron_adamc.errors import UserError
+from megatron_adamc.resources import find_file
 from megatron_adamc.tracking.config import TrackingConfig
 
 
@@ -32,6 +33,10 @@ class ModelSection(BaseModel):
 
 
 class OptimizerSection(_Section):
+    """Validated up front for AdamW as for AdamC: an infinite lr or a beta of 1 must not reach the first step."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     type: Literal["AdamC", "AdamW"] = "AdamC"
     lr: float = Field(3e-3, gt=0, description="the peak lr; the schedule multiplies it")
     weight_decay: float = Field(0.1, ge=0)
@@ -40,6 +45,13 @@ class OptimizerSection(_Section):
     lr_max: float | None = Field(None, gt=0, description="AdamC's lr_max; default: optimizer.lr, the schedule's peak")
     exclude_embeddings_from_decay: bool = False
     torch_adam: bool = False
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerSection:
+        for index, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ValueError(f"optimizer.betas[{index}]={beta} must be in [0, 1), e.g. [0.9, 0.95]")
+        return self
 
 
 class SchedulerSection(_Section):
@@ -69,7 +81,9 @@ class TrainSection(_Section):
     )
     spike_window: int = Field(50, gt=1, description="steps in the running mean of spike_skip_ratio")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
-        "none", description="full: recompute every block; selective: recompute all but attention (see docs/model.md)"
+        "none",
+        description="full: recompute every block; selective: keep matmul and attention outputs, recompute the cheap "
+        "ops between them (see docs/model.md)",
     )
     compile: bool = Field(False, description="torch.compile each transformer block")
 
@@ -149,6 +163,8 @@ def one_line(err: ValidationError) -> str:
         msg = "unknown key: check its spelling against configs/train/llama_tiny.yaml"
     elif first["type"].startswith("literal_error"):
         msg = f"{msg} (got {first['input']!r})"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -170,7 +186,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    path = Path(path)
+    path = find_file(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file; pass a YAML file such as configs/train/llama_tiny.yaml")
     try:
@@ -189,9 +205,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def resolve_relative(value: str, config_dir: Path) -> str:
-    """A path as given from the working directory, else relative to the config file's folder."""
+    """A path as given from the working directory, else relative to the config file's folder, else (``configs/...``)
+    the copy shipped in the package."""
     candidate = Path(os.path.expanduser(value))
     if candidate.is_absolute() or candidate.exists():
         return str(candidate)
     beside = config_dir / candidate
-    return str(beside) if beside.exists() else str(candidate)
+    return str(beside) if beside.exists() else str(find_file(candidate))

@@ -6,12 +6,18 @@ contradicts the train config is an error naming both keys.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
-from megatron_adamc.errors import UserError
+from megatron_adamc.errors import ConfigError, UserError
 from megatron_adamc.train.config import TrainConfig
+
+# Top-level sections DeepSpeed reads outside DeepSpeedConfig's constructor (engine, activation checkpointing,
+# profiler, async I/O, autotuning), which the recorder in ``known_top_level_keys`` cannot see.
+_READ_ELSEWHERE = {"optimizer", "scheduler", "activation_checkpointing", "flops_profiler", "aio", "autotuning"}
 
 # DeepSpeed JSON key -> (train config key, value)
 _OWNED = {
@@ -34,9 +40,46 @@ def read_deepspeed_json(path: str) -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def known_top_level_keys() -> frozenset[str]:
+    """Every top-level key this DeepSpeed version looks up: its own config parser is run on a dict that records
+    each key asked for, so the list follows the installed DeepSpeed instead of a copy that goes stale."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class Recorder(dict):
+        def get(self, key: Any, default: Any = None) -> Any:
+            seen.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: Any) -> Any:
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key: object) -> bool:
+            seen.add(key)  # type: ignore[arg-type]
+            return super().__contains__(key)
+
+    DeepSpeedConfig(Recorder(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    return frozenset(k for k in seen if isinstance(k, str)) | _READ_ELSEWHERE
+
+
+def check_top_level_keys(ds: dict[str, Any], path: str) -> None:
+    """DeepSpeed ignores a top-level key it does not know: a typo such as ``zero_optimisation`` trains at ZeRO 0."""
+    known = known_top_level_keys()
+    for key in ds:
+        if key in known or key.startswith("_"):  # "_comment"-style keys are a JSON convention
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see the DeepSpeed config reference"
+        raise ConfigError(f"train.deepspeed={path}: unknown top-level key '{key}' ({hint}); DeepSpeed would ignore it")
+
+
 def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     path = config.train.deepspeed
     ds = read_deepspeed_json(path)
+    check_top_level_keys(ds, path)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"train.deepspeed={path}: remove its '{key}' section; the train config's {key}.* owns it")

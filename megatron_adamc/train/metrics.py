@@ -1,8 +1,9 @@
-"""Where a run's numbers go: ``metrics.jsonl`` (one object per logged step), TensorBoard, W&B when enabled, and a
-progress bar with loss, tokens/s and the ETA. Only rank 0 writes."""
+"""Where a run's numbers go: ``metrics.jsonl`` (rows and events, through ``MetricsFile``), TensorBoard, W&B when
+enabled, and a progress bar with loss, tokens/s and the ETA. Only rank 0 writes; every rank may call."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from megatron_adamc.tracking.sinks import write_tensorboard
 class MetricsLogger:
     def __init__(self, run_dir: Path, config: Any, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
+        self.interval = config.logging.interval
         self.file = MetricsFile(run_dir / "metrics.jsonl")
         self.path = self.file.path
         self.writer = None
@@ -24,13 +26,11 @@ class MetricsLogger:
         if not enabled:
             return
         torn = self.file.truncate(start_step)
-        if torn:
-            print(f"metrics.jsonl: dropped {torn} torn line(s) left by a crash mid-write", flush=True)
         logging = config.logging
         if logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         if logging.wandb:
             import wandb
 
@@ -42,6 +42,11 @@ class MetricsLogger:
                 total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 10.0,
             )  # fmt: skip
+        if torn:
+            self.write(f"metrics.jsonl: dropped {torn} torn line(s) left by a crash mid-write")
+
+    def should_log(self, step: int, last_step: bool) -> bool:
+        return last_step or step % self.interval == 0
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -52,6 +57,13 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    def event(self, kind: str, step: int, message: str | None = None, /, **fields: Any) -> None:
+        """An event record in metrics.jsonl, and a line in the log."""
+        if not self.enabled:
+            return
+        self.file.append_event(kind, step, **fields)
+        self.write(message or f"{kind} at step {step}: {json.dumps(fields)}")
+
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -59,7 +71,8 @@ class MetricsLogger:
 
     def write(self, message: str) -> None:
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(message)
+            (self.bar.write if self.bar is not None else print)(message, file=sys.stdout)
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.bar is not None:

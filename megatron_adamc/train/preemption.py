@@ -34,7 +34,7 @@ def _log(msg: str) -> None:
 class PreemptionHandler:
     """Catches the given signals, agrees across ranks on when to stop, and requeues the Slurm job."""
 
-    def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = tuple(signals)
         self.received: signal.Signals | None = None
         self._stopping = False
@@ -46,21 +46,31 @@ class PreemptionHandler:
         atexit.register(self._ignore_signals)
         return self
 
-    def _ignore_signals(self) -> None:
+    def _ignore_signals(self, keep_interrupt: bool = False) -> None:
         # Once the stop is decided, and at exit, later copies of the signal must not kill the process: Slurm
         # signals every process of the step AND node.sh forwards, so a worker can get it twice, and Python
         # resets its handlers to the default action (terminate, for SIGUSR1) while the interpreter shuts down,
         # which would turn a clean exit 0 into "killed by SIGUSR1". Ignored signals stay ignored.
         try:
             for sig in self.signals:
-                signal.signal(sig, signal.SIG_IGN)
+                if not (keep_interrupt and sig == signal.SIGINT):
+                    signal.signal(sig, signal.SIG_IGN)
         except ValueError:  # not the main thread: leave the handlers (they only set a flag)
             pass
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        # Only set a flag: no I/O or collectives inside a signal handler.
+        # Only set a flag: no I/O or collectives inside a signal handler. A second Ctrl-C means "now": abort at
+        # once (no checkpoint), as a user who presses it twice expects.
+        if signum == signal.SIGINT and self.received is not None:
+            signal.signal(signal.SIGINT, _exit_now)  # a third one while the abort unwinds: out, no questions
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signal.Signals(signum)
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (SIGINT), not by the scheduler: no requeue."""
+        return self.received == signal.SIGINT
 
     @property
     def local_flag(self) -> bool:
@@ -81,7 +91,7 @@ class PreemptionHandler:
             flag = bool(t.item())
         if flag and not self._stopping:
             self._stopping = True
-            self._ignore_signals()
+            self._ignore_signals(keep_interrupt=True)
             what = self.received.name if self.received is not None else "a signal on another rank"
             _log(f"rank {_rank()}: stopping at this step boundary ({what})")
         return flag
@@ -109,6 +119,10 @@ class PreemptionHandler:
             return False
         _log(f"requeued job {job_id}")
         return True
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(130)
 
 
 def _rank() -> int:

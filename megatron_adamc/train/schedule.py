@@ -1,13 +1,19 @@
-"""Learning-rate schedules as a multiplier of the peak lr, for torch's LambdaLR.
+"""The learning rate as a function of the trainer's step, applied by the trainer itself.
+
+WHY not a torch scheduler handed to DeepSpeed: the engine steps its scheduler only when the optimizer step was
+applied, so every skipped (overflowed) step would shift the whole schedule one step late, and a scheduler restored
+from a checkpoint brings back the lr of the old config. Computing ``lr(step)`` from the config at every step keeps
+the schedule on the step count and makes a changed ``optimizer.lr`` take effect truthfully on resume.
 
 The peak is ``optimizer.lr`` itself (every shape stays <= 1), so AdamC's lr_max is the optimizer lr with no further
-setting. Step s (0-based) is the s-th optimizer step; warmup starts above 0 so that the first step learns.
+setting. Step s (1-based) uses multiplier(s - 1); warmup starts above 0 so that the first step learns.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 def lr_multiplier(
@@ -30,3 +36,24 @@ def lr_multiplier(
         return min_ratio + (1.0 - min_ratio) * shape
 
     return multiplier
+
+
+class LRSchedule:
+    """``lr(step)`` for steps 1..``steps`` from the optimizer and scheduler sections of the config."""
+
+    def __init__(self, config: Any) -> None:
+        sched, peak = config.scheduler, config.optimizer.lr
+        self.peak = peak
+        self._multiplier = lr_multiplier(
+            sched.type, config.train.steps, sched.warmup_steps, sched.min_lr / peak, sched.decay_fraction
+        )
+
+    def lr(self, step: int) -> float:
+        return self.peak * self._multiplier(step - 1)
+
+    def apply(self, param_groups: Iterable[dict[str, Any]], step: int) -> float:
+        """Write step ``step``'s lr into every group (before its forward); returns it."""
+        lr = self.lr(step)
+        for group in param_groups:
+            group["lr"] = lr
+        return lr

@@ -5,8 +5,10 @@ resume) must be proven without waiting for a real model. This is a real torch.di
 all-reduces, records world size and the Slurm nodes it ran on, "trains" one scalar per step (a deterministic
 loss curve), checkpoints it, resumes from the checkpoint exactly, and uses the real PreemptionHandler.
 
-    --config FILE --output-dir DIR [--set train.steps=N] [--set standin.step_seconds=S]
-    [--set train.save_interval=K] [--set standin.crash_rank=R --set standin.crash_at=STEP]  (crash once)
+    --config FILE --output-dir DIR [--set train.steps=N] [--set checkpoint.interval=K]
+    environment: STANDIN_STEP_SECONDS=S, STANDIN_CRASH_RANK=R with STANDIN_CRASH_AT=STEP (crash once)
+
+Its own knobs come from the environment, not --set, so its config stays one that `slurm submit` validates.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def main(argv: list[str]) -> int:
         print(f"--config {args.config}: no such file", file=sys.stderr)
         return 2
     steps = int(sets.get("train.steps", "20"))
-    save_interval = int(sets.get("train.save_interval", "5"))
-    step_seconds = float(sets.get("standin.step_seconds", "0.2"))
-    crash_rank, crash_at = int(sets.get("standin.crash_rank", "-1")), int(sets.get("standin.crash_at", "-1"))
+    save_interval = int(sets.get("checkpoint.interval", "5"))
+    step_seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.2"))
+    crash_rank = int(os.environ.get("STANDIN_CRASH_RANK", "-1"))
+    crash_at = int(os.environ.get("STANDIN_CRASH_AT", "-1"))
 
     handler = PreemptionHandler().install()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))

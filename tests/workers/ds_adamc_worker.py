@@ -2,6 +2,7 @@
 
 Writes one torch file (rank 0) with, per case, the final FP32 master weights, the lr and applied weight decay of
 every step, for the pytest side to compare. One launch per ZeRO set-up amortises DeepSpeed's start-up.
+The GPU check (benchmarks/gpu/parity.py) imports ``run_case`` and ``max_rel_diff`` for the same cases on one CUDA rank.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def train(engine, steps: range, hand_decay_peak: float | None = None, hand_from:
     lrs, applied = [], []
     for step in steps:
         x, y = batch(step, rank)
-        x = x.to(engine.device, dtype=next(engine.module.parameters()).dtype)
+        x, y = x.to(engine.device, dtype=next(engine.module.parameters()).dtype), y.to(engine.device)
         loss = (engine(x).float() - y).pow(2).mean()
         engine.backward(loss)
         groups = engine.optimizer.param_groups
@@ -103,6 +104,12 @@ def master_weights(engine) -> dict[str, torch.Tensor]:
         full = safe_get_full_fp32_param(p) if engine.zero_optimization() or engine.bfloat16_enabled() else None
         out[name] = (full if full is not None else p.detach()).float().cpu().clone()
     return out
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest ||a - b|| / ||b|| over the tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)).item() for k in a)
 
 
 def run_case(

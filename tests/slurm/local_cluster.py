@@ -7,8 +7,8 @@ directory. Every daemon is started here in the foreground and stopped by its pid
 
 Use from Python (``LocalSlurmCluster(state_dir).start()`` / ``.stop()``) or by hand::
 
-    python launch/slurm/cluster/local_cluster.py up /tmp/slurm-dev     # prints: export SLURM_CONF=...
-    python launch/slurm/cluster/local_cluster.py down /tmp/slurm-dev
+    python tests/slurm/local_cluster.py up /tmp/slurm-dev     # prints: export SLURM_CONF=...
+    python tests/slurm/local_cluster.py down /tmp/slurm-dev
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class LocalSlurmCluster:
             for n in NODES
         )
         self.conf.write_text(
-            f"""# Written by launch/slurm/cluster/local_cluster.py: two nodes on localhost.
+            f"""# Written by tests/slurm/local_cluster.py: two nodes on localhost.
 ClusterName=adamc-local
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={self.ctld_port}

@@ -1,0 +1,110 @@
+"""The run directory's two bookkeeping files: the lock (one trainer per directory) and run.json (one entry per
+invocation).
+
+The lock is an advisory ``flock`` on ``RUN_DIR/.lock`` held by rank 0 for the whole run; the file names the holder's
+host and pid for the error message. The kernel drops a flock when its process dies, however it dies, so a stale
+lock of a killed run is taken over with no clean-up step (a requeued job simply gets it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_adamc.errors import RunLockedError
+from megatron_adamc.train.manifest import atomic_write_text
+
+LOCK = ".lock"
+RUN_INFO = "run.json"
+
+
+class RunLock:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self._fd: int | None = None
+        self._created: list[Path] = []
+        self._previous = ""
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a dead holder's lock was taken over. Raises RunLockedError."""
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = [*missing] if self.path.exists() else [self.path, *missing]
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path.parent} is in use by a running trainer ({holder}); wait for it to end or choose "
+                "another --output-dir"
+            ) from None
+        previous = self._previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode(), 0)
+        self._fd = fd
+        return f"took over the lock of a trainer that is gone ({previous})" if previous else None
+
+    def release(self, undo: bool = False) -> None:
+        """Drop the lock. ``undo``: the run stopped before writing anything (bad input found after locking), so
+        leave the directory exactly as it was: the lock file's old content back, or what locking created removed."""
+        if self._fd is None:
+            return
+        if undo:
+            if self.path in self._created:
+                for path in self._created:  # the lock file, then the directories it needed, deepest first
+                    if not path.is_dir():
+                        path.unlink(missing_ok=True)
+                    elif not any(path.iterdir()):
+                        path.rmdir()
+            else:
+                os.ftruncate(self._fd, 0)
+                if self._previous:
+                    os.pwrite(self._fd, (self._previous + "\n").encode(), 0)
+        os.close(self._fd)  # closing drops the flock; the file stays (harmless, and reused next time)
+        self._fd = None
+
+
+def git_commit() -> str | None:
+    """The commit of a source checkout of this package, None for an installed wheel (no .git beside it)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "megatron-core", "sentencepiece", "megatron-adamc"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def append_run_info(run_dir: Path, header: dict[str, Any], invocation: dict[str, Any]) -> None:
+    """run.json keeps the run's description (``header``, refreshed) and a list with one entry per invocation."""
+    path = run_dir / RUN_INFO
+    invocations: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            invocations = list(json.loads(path.read_text()).get("invocations", []))
+        except (OSError, ValueError, AttributeError):
+            invocations = []  # unreadable: a crash mid-write cannot happen (atomic), so this is a foreign file
+    info = {**header, "invocations": [*invocations, invocation]}
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
