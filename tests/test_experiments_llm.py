@@ -3,8 +3,9 @@ three-lr ladder), and their bookkeeping on synthetic records.
 
 What is checked is what could silently be wrong: the rise and the integrated decay in results.json are recomputed
 from metrics.jsonl, the control's lambda really matches AdamC's integrated decay, AdamW and AdamC runs differ only in
-the optimizer type, a deliberately huge lr is flagged as diverged and the ladder stops above it, the per-seed
-largest stable lr and Wortsman's sensitivity follow their definitions, and bad input is one line with exit code 2.
+the optimizer type, a deliberately huge lr is flagged as diverged (the trainer's guard stops it with exit 3, a result
+that a rerun reuses; other exits still raise) and the ladder stops above it, the per-seed largest stable lr and
+Wortsman's sensitivity follow their definitions, and bad input is one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from conftest import SMALL_CORPUS_DIR
 import megatron_adamc.cli as cli
 from megatron_adamc.core import theory
 from megatron_adamc.experiments import adamc_vs_adamw, stability
+from megatron_adamc.experiments._trainer_runs import RunQueue
 
 DATA = ["vocab_size=512", "max_bytes=400000", f"data_cache_dir={SMALL_CORPUS_DIR}", "seq_len=32", "micro_batch_size=4"]
 AVW = DATA + ["steps=40", "warmup_steps=2", "seeds=2", "weight_decays=[0.1,2.0]", "tracking_interval=4"]
@@ -141,6 +143,10 @@ def test_stability_flags_the_huge_lr_and_stops_the_ladder(stab):
             small, huge, skipped = (runs[f"{variant}-d64-lr{lr:g}-seed{seed}"] for lr in (0.03, 30.0, 60.0))
             assert not small["diverged"], small["reason"]
             assert huge["diverged"] and not huge["skipped"]
+            # The trainer's guard stopped it (exit 3): a result with the step it stopped at, not a crash.
+            stopped = huge["stopped_at_step"]
+            assert 0 < stopped < 60 and "divergence guard" in huge["reason"]
+            assert metrics(out, huge["name"])[-1]["step"] == stopped
             assert skipped["skipped"] and skipped["diverged"] and not (out / "runs" / skipped["name"]).exists()
             assert cell["per_seed"][str(seed)]["max_stable_lr"] == 0.03
         assert cell["max_stable_lr"]["per_seed"] == [0.03, 0.03] and cell["max_stable_lr"]["spread_sqrt2_steps"] == 0
@@ -155,6 +161,21 @@ def test_stability_flags_the_huge_lr_and_stops_the_ladder(stab):
     command = shlex.split(results["command"].replace("<name>", name))
     command += [a for item in results["run_sets"][name] for a in ("--set", item)]
     assert command == shlex.split((out / "runs" / name / "command.txt").read_text())
+
+
+def test_a_diverged_run_is_reused_and_other_trainer_failures_raise(stab, capsys):
+    """Exit 3 (diverged) is a result that a rerun reuses; any other non-zero exit (here 2, bad input) still raises."""
+    out, results = stab
+    cfg = stability.Config(**results["config"])
+    queue = RunQueue(cfg, out, total_steps=60)
+    name = "baseline-d64-lr30-seed1"
+    records = queue.run(name, stability.overrides(cfg, "baseline", 64, 30.0, 1), 60, 1, may_diverge=True)
+    assert "reusing the finished run" in capsys.readouterr().out
+    stopped = next(r["stopped_at_step"] for r in results["runs"] if r["name"] == name)
+    assert records[-1]["step"] == queue.diverged(name)["step"] == stopped
+    assert "diverged" in queue.diverged(name)["error"]
+    with pytest.raises(RuntimeError, match="exited with 2: .*optimizer.lr"):
+        queue.run("bad-lr", ["optimizer.lr=-1"], 60, 1, may_diverge=True)
 
 
 def ladder(lr_losses: list[tuple[float, float | None]], variant: str = "baseline", width: int = 64, seed: int = 0):

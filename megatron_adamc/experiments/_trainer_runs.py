@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from megatron_adamc.errors import UserError
+from megatron_adamc.errors import DivergenceError, UserError
 from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.resources import configs_dir, find_file
 
@@ -33,6 +33,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "1B": dict(preset="1B"),
 }
 ModelName = Literal["micro", "tiny", "125M", "350M", "1B"]
+DIVERGED_FILE = "diverged.json"  # beside a run's metrics: the trainer stopped it as diverged (exit 3), and where
 
 
 class LlmConfig(BaseModel):
@@ -121,15 +122,26 @@ class RunQueue:
         """The run's own ``--set`` items (after the shared ones), from its saved overrides."""
         return json.loads((self.runs_dir / name / "overrides.json").read_text())[len(self.common) :]
 
-    def run(self, name: str, overrides: list[str], steps: int, total_runs: int) -> list[dict[str, Any]]:
-        """Train (or reuse) run ``name`` with the common overrides plus ``overrides``; return its metrics records."""
+    def diverged(self, name: str) -> dict[str, Any] | None:
+        """``{"step", "error"}`` when the trainer stopped run ``name`` as diverged (exit 3), else None."""
+        path = self.runs_dir / name / DIVERGED_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(
+        self, name: str, overrides: list[str], steps: int, total_runs: int, may_diverge: bool = False
+    ) -> list[dict[str, Any]]:
+        """Train (or reuse) run ``name`` with the common overrides plus ``overrides``; return its metrics records.
+
+        With ``may_diverge``, a run the trainer's divergence guard stops (exit 3) is a result, not a failure: its
+        records end at the step it stopped at, and ``diverged(name)`` says so. Any other failure raises."""
         self.count += 1
         run_dir = self.runs_dir / name
         sets = self.common + overrides + [f"train.steps={steps}"]
         tag = f"[{self.count}/{total_runs}] {name}"
         saved = run_dir / "overrides.json"
         records = load_metrics(run_dir / "metrics.jsonl")
-        if saved.is_file() and json.loads(saved.read_text()) == sets and records and records[-1]["step"] == steps:
+        ended = bool(records) and (records[-1]["step"] == steps or (may_diverge and self.diverged(name) is not None))
+        if saved.is_file() and json.loads(saved.read_text()) == sets and ended:
             print(f"{tag}: reusing the finished run in {run_dir}", flush=True)
             self.done_steps += steps
             return records
@@ -156,18 +168,23 @@ class RunQueue:
                 raise
         elapsed = time.monotonic() - start
         records = load_metrics(run_dir / "metrics.jsonl")
-        if proc.returncode != 0 or not records or records[-1]["step"] != steps:
-            tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        stopped = may_diverge and proc.returncode == DivergenceError.exit_code and bool(records)
+        if stopped:
+            (run_dir / DIVERGED_FILE).write_text(json.dumps({"step": records[-1]["step"], "error": tail[0]}) + "\n")
+        elif proc.returncode != 0 or not records or records[-1]["step"] != steps:
             raise RuntimeError(f"{name}: the trainer exited with {proc.returncode}: {tail[0]} (log: {log.name})")
         saved.write_text(json.dumps(sets, indent=1) + "\n")
         self.done_steps += steps
-        self.trained_steps += steps
+        self.trained_steps += records[-1]["step"]  # a diverged run stopped early: its time is for fewer steps
         self.trained_s += elapsed
         left = self.total_steps - self.done_steps
         eta = left * self.trained_s / self.trained_steps
         loss = records[-1].get("loss", math.nan)
+        done = f"diverged at step {records[-1]['step']} (the trainer stopped it)" if stopped else "done"
         print(
-            f"{tag}: done in {_fmt_time(elapsed)}, final loss {loss:.4f}; experiment ETA {_fmt_time(eta)}", flush=True
+            f"{tag}: {done} in {_fmt_time(elapsed)}, final loss {loss:.4f}; experiment ETA {_fmt_time(eta)}",
+            flush=True,
         )
         return records
 

@@ -4,12 +4,13 @@ decay, a fine lr grid (factor sqrt(2), over two decades), several seeds per cell
 Variants (Rybakov et al. arXiv 2410.16682; Takase et al. arXiv 2312.16903; Wortsman et al. arXiv 2309.14322): the
 baseline; QK-norm; QK-norm + tanh softmax capping (method 3); QKV-norm with the attention pre-norm removed (method 2);
 norms after QK, Proj and FC2 (method 1); scaled embeddings + small init. A run has diverged when its loss goes
-non-finite, or climbs after warmup (10-step mean) above its first-step loss L0 (everything learned is lost; under a
-cosine decay such a run may later recover part of it, so the final loss alone misses it), or ends above the unigram
-entropy of the training tokens. Per variant and width: the largest stable lr of each seed (the largest grid lr with
-it and every smaller lr stable) and its spread, Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0:
-the loss at initialization), and the best loss. A ladder (variant, width, seed) stops after ``skip_after_diverged``
-consecutive diverged lrs: the lrs above count as diverged, at L0.
+non-finite (the trainer's divergence guard stops such a run with exit 3), or climbs after warmup (10-step mean)
+above its first-step loss L0 (everything learned is lost; under a cosine decay such a run may later recover part of
+it, so the final loss alone misses it), or ends above the unigram entropy of the training tokens. Per variant and
+width: the largest stable lr of each seed (the largest grid lr with it and every smaller lr stable) and its spread,
+Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0: the loss at initialization), and the best loss.
+A ladder (variant, width, seed) stops after ``skip_after_diverged`` consecutive diverged lrs: the lrs above count
+as diverged, at L0.
 """
 
 from __future__ import annotations
@@ -154,8 +155,16 @@ def activation_growth(records: list[dict[str, Any]], stop_step: int) -> dict[str
     return out
 
 
-def summarize_run(cfg: Config, records: list[dict[str, Any]], variant: str, lr: float, threshold: float) -> dict:
-    """Diverged or not, and why; the first-step loss (L0) and the final losses; the activation growth."""
+def summarize_run(
+    cfg: Config,
+    records: list[dict[str, Any]],
+    variant: str,
+    lr: float,
+    threshold: float,
+    stopped: dict[str, Any] | None = None,
+) -> dict:
+    """Diverged or not, and why; the first-step loss (L0) and the final losses; the activation growth. ``stopped``:
+    the trainer's divergence guard ended the run early (``RunQueue.diverged``), which counts as diverged."""
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     bad = next((s for s, v in losses if v is None or not math.isfinite(v)), None)
     final = window_mean(records, "loss", 1.0 - FINAL_FRACTION, 1.0, cfg.steps)
@@ -166,7 +175,9 @@ def summarize_run(cfg: Config, records: list[dict[str, Any]], variant: str, lr: 
         default=math.nan,
     )
     reason = None
-    if bad is not None or not math.isfinite(final):
+    if stopped is not None:
+        reason = f"stopped by the trainer's divergence guard at step {stopped['step']} (exit 3)"
+    elif bad is not None or not math.isfinite(final):
         reason = f"non-finite loss at step {bad}"
     elif spike > initial:
         reason = (
@@ -181,11 +192,12 @@ def summarize_run(cfg: Config, records: list[dict[str, Any]], variant: str, lr: 
         "skipped": False,
         "diverged": reason is not None,
         "reason": reason,
+        "stopped_at_step": stopped["step"] if stopped is not None else None,
         "initial_loss": initial,
         "final_train_loss": final,
         "final_val_loss": val[-1] if val and math.isfinite(val[-1]) else math.nan,
         "max_loss_after_warmup": spike,
-        "activations": activation_growth(records, (bad - 1) if bad is not None else cfg.steps),
+        "activations": activation_growth(records, (bad - 1) if bad is not None else records[-1]["step"]),
     }
 
 
@@ -199,6 +211,7 @@ def skipped_run(variant: str, width: int, lr: float, seed: int, initial: float, 
         "skipped": True,
         "diverged": True,
         "reason": f"not run: the {limit} lrs below diverged",
+        "stopped_at_step": None,
         "initial_loss": initial,
         "final_train_loss": math.nan,
         "final_val_loss": math.nan,
@@ -318,14 +331,15 @@ def run(cfg: Config, output_dir: Path) -> dict:
                 queue.total_steps -= cfg.steps
                 continue
             name = run_name(variant, width, lr, seed)
-            curves[name] = queue.run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, total)
+            sets = overrides(cfg, variant, width, lr, seed)
+            curves[name] = queue.run(name, sets, cfg.steps, total, may_diverge=True)
             if threshold is None:
                 threshold = unigram_entropy(cache)  # the first run has built the data
             result = {
                 "name": name,
                 "width": width,
                 "seed": seed,
-                **summarize_run(cfg, curves[name], variant, lr, threshold),
+                **summarize_run(cfg, curves[name], variant, lr, threshold, queue.diverged(name)),
             }
             runs.append(result)
             streak = streak + 1 if result["diverged"] else 0
@@ -334,9 +348,9 @@ def run(cfg: Config, output_dir: Path) -> dict:
         **headline(summary),
         **summary,
         "divergence_loss": threshold,
-        "divergence_rule": f"non-finite loss, or the {SPIKE_WINDOW}-step mean of the loss after warmup above the first "
-        "step's loss, or the final train loss (mean of the last 10% of steps) above divergence_loss (default: the "
-        "unigram entropy of the training tokens)",
+        "divergence_rule": "non-finite loss or updates (the trainer's guard stops the run: exit 3), or the "
+        f"{SPIKE_WINDOW}-step mean of the loss after warmup above the first step's loss, or the final train loss (mean "
+        "of the last 10% of steps) above divergence_loss (default: the unigram entropy of the training tokens)",
         "runs": runs,
         "config": cfg.model_dump(),
         "command": queue.shared_command(),
