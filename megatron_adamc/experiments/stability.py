@@ -49,7 +49,8 @@ def sqrt2_grid(first: int, last: int) -> list[float]:
 
 class Config(LlmConfig):
     """Defaults: 4 variants x 2 widths x 20 lrs (0.00141 to 1.02, factor sqrt(2)) x 2 seeds = 320 runs of 200 steps,
-    fewer with the ladders cut after two diverged lrs; about 75 minutes on 2 idle CPU cores (~15 s a run)."""
+    fewer with the ladders cut after two diverged lrs. Measured on 2 shared CPU cores: 315 runs, 79 minutes of trainer
+    steps plus ~8 s start-up a run, 1.5-2.5 hours in all (docs/results_stability.md)."""
 
     variants: list[VariantName] = Field(default_factory=lambda: list(DEFAULT_VARIANTS), min_length=1)
     widths: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, description="model dims d")
