@@ -90,3 +90,41 @@ def single_rank_dist():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# Every process a test starts (trainers, torchrun ranks, loader workers, Slurm jobs and daemons) inherits this mark,
+# so that whatever a failed or timed-out test left running is found at the end, even when orphaned, and killed:
+# the suite never leaves a process behind to hold a runner up.
+SESSION_MARK = "MEGATRON_ADAMC_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _marked_processes() -> dict[int, str]:
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if mark not in handle.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                found[int(entry)] = handle.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import signal
+
+    leftovers = _marked_processes()
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if leftovers:
+        lines = "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(leftovers.items()))
+        print(f"\nkilled {len(leftovers)} process(es) the tests left running:\n{lines}", file=sys.stderr)

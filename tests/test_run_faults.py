@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import REPO, subprocess_env
@@ -18,9 +20,17 @@ from megatron_adamc.metrics_file import MetricsFile
 SETS = ["checkpoint.interval=2", "eval.interval=100"]
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+@contextlib.contextmanager
+def _started(cmd: list[str]) -> Iterator[subprocess.Popen]:
+    """A trainer in its own session; whatever the test's outcome, nothing of it outlives the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=subprocess_env(), start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers
+        proc.communicate()
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -36,17 +46,13 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 def test_second_trainer_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path) -> None:
     out = tmp_path / "run"
-    first = _start(train_cmd(out, *SETS, steps=10_000))
-    try:
+    with _started(train_cmd(out, *SETS, steps=10_000)) as first:
         _wait_for_step(out, 1, first)
         second = run(train_cmd(out, *SETS, steps=10_000), check=False)
         assert second.returncode == 5, second.stderr[-3000:]
         (line,) = error_lines(second)
         assert "is in use by a running trainer" in line and f"pid {first.pid}" in line
         assert first.poll() is None  # the first one trains on, undisturbed
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
     third = run(train_cmd(out, *SETS, steps=3))  # the killed holder's lock is taken over
     assert "took over the lock of a trainer that is gone" in third.stdout and f"pid {first.pid}" in third.stdout
 
@@ -77,10 +83,10 @@ def test_ctrl_c_checkpoints_and_resumes_exactly(tmp_path) -> None:
     sets = [*SETS, "checkpoint.interval=1000", "tracking.enabled=false"]
     run(train_cmd(reference, *sets, steps=150))
     out = tmp_path / "run"
-    proc = _start(train_cmd(out, *sets, steps=150))
-    _wait_for_step(out, 3, proc)
-    os.kill(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    with _started(train_cmd(out, *sets, steps=150)) as proc:
+        _wait_for_step(out, 3, proc)
+        os.kill(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "interrupted (Ctrl-C); checkpoint saved" in stdout and "Traceback" not in stderr
     stopped_at = losses(out)[-1][0]
@@ -92,12 +98,12 @@ def test_ctrl_c_checkpoints_and_resumes_exactly(tmp_path) -> None:
 
 def test_second_ctrl_c_aborts_at_once(tmp_path) -> None:
     out = tmp_path / "run"
-    proc = _start(train_cmd(out, *SETS, steps=10_000))
-    _wait_for_step(out, 1, proc)
-    os.kill(proc.pid, signal.SIGINT)
-    time.sleep(0.03)  # the second lands mid-step or mid-save (a save alone takes longer than this)
-    os.kill(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    with _started(train_cmd(out, *SETS, steps=10_000)) as proc:
+        _wait_for_step(out, 1, proc)
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.03)  # the second lands mid-step or mid-save (a save alone takes longer than this)
+        os.kill(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "megatron-adamc train: interrupted" in stderr and "Traceback" not in stderr
 

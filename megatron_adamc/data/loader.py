@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 
 from megatron_adamc.data.sampler import collate, iter_batch_indices
 from megatron_adamc.errors import ConfigError
@@ -171,6 +172,7 @@ class BatchLoader:
             **workers,
         )
         self._iterator: Any = iter(self._loader)
+        self._workers_of: Any = self._iterator if num_workers > 0 else None  # kept until its workers have ended
         self._receiver: _Receiver | None = None
         if num_workers > 0:
             self._receiver = _Receiver(self._iterator, depth=2, device=self.device)
@@ -195,12 +197,36 @@ class BatchLoader:
         return tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        """Stop the workers now (dropping DataLoader's iterator shuts them down and joins them); idempotent."""
-        if self._receiver is not None:
-            self._receiver.stop()
-            self._receiver = None
-        self._iterator = None
-        atexit.unregister(self._at_exit)
+        """Stop the workers now; idempotent, and safe to call again after an interrupted close.
+
+        DataLoader's own shutdown asks each worker to end, joins it for 5 s, then sends SIGTERM, which the workers
+        ignore; one still alive then would hang multiprocessing's exit hook (it joins its children forever). So a
+        worker that has not ended by then is killed: a closed loader leaves no process behind, whatever happened
+        (a second Ctrl-C in the middle of this included).
+        """
+        try:
+            if self._receiver is not None:
+                self._receiver.stop()
+                self._receiver = None
+            self._iterator = None
+            if self._workers_of is not None:
+                self._workers_of._shutdown_workers()
+        finally:
+            self._end_workers()
+            atexit.unregister(self._at_exit)
+
+    def _end_workers(self) -> None:
+        it = self._workers_of
+        if it is None:
+            return
+        if getattr(it, "_worker_pids_set", False):  # DataLoader's SIGCHLD check would call the kill a failure
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for worker in it._workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join(timeout=5)
+        self._workers_of = None
 
     def __enter__(self) -> BatchLoader:
         return self

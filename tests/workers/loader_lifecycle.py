@@ -33,8 +33,11 @@ LOADERS: list = []
 def children(pid: int) -> list[int]:
     out: list[int] = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            out += [int(p) for p in handle.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                out += [int(p) for p in handle.read().split()]
+        except FileNotFoundError:  # a thread that ended since listdir
+            continue
     return out
 
 
