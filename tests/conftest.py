@@ -110,9 +110,11 @@ def _marked_processes() -> dict[int, str]:
                 if mark not in handle.read().split(b"\0"):
                     continue
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                found[int(entry)] = handle.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+                cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")[:160]
         except OSError:  # gone meanwhile, or not ours to read
             continue
+        if "multiprocessing.resource_tracker" not in cmd:  # pytest's own; it ends with pytest
+            found[int(entry)] = cmd
     return found
 
 
