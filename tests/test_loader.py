@@ -115,6 +115,29 @@ def test_killed_worker_is_an_error_not_a_hang(train_ds) -> None:
         assert time.monotonic() - started < 30
 
 
+def test_an_interrupted_close_still_ends_every_worker(train_ds, monkeypatch) -> None:
+    """A second Ctrl-C lands inside ``close`` (here: in the receiver's join). The workers ignore SIGTERM, so a close
+    that stopped there used to leave them to multiprocessing's exit hook, which joined them forever (a trainer hung
+    at exit). Now the interrupted close ends them anyway, and closing again is harmless."""
+    from megatron_adamc.data import loader as loader_module
+
+    before = set(children(os.getpid()))
+    loader = BatchLoader(train_ds, MICRO, 0, 1, 0, num_workers=2, prefetch_factor=2)
+    next(loader)
+    workers = sorted(set(children(os.getpid())) - before)
+    assert len(workers) == 2
+
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader_module._Receiver, "stop", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loader.close()
+    assert not set(workers) & set(children(os.getpid()))  # ended (and reaped) despite the interruption
+    monkeypatch.undo()
+    loader.close()
+
+
 @pytest.mark.parametrize("case", ["exit", "kill", "term-group", "term-graceful"])
 def test_workers_end_with_their_parent(case: str) -> None:
     """See tests/workers/loader_lifecycle.py: a subreaper starts a parent with 2 workers and ends it; within the
