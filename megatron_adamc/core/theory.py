@@ -63,8 +63,7 @@ def kosson_normalized_update_ratio(weight_decay: float, lr: float, beta1: float,
 
 def adam_update_weight_ratio(weight_decay: float, lr: float, beta1: float = 0.9, lr_max: float | None = None) -> float:
     """Kosson et al.'s expected angular update per step, ||dx|| / ||x|| (plain, or AdamC with lr_max)."""
-    lam = effective_decay(weight_decay, lr, lr_max)
-    return math.sqrt(max(2.0 * lr * lam * (1.0 - beta1) / (1.0 + beta1), 0.0))
+    return lr * kosson_normalized_update_ratio(weight_decay, lr, beta1, lr_max) if lr > 0 else 0.0
 
 
 def equilibrium_steps(weight_decay: float, lr: float) -> float:

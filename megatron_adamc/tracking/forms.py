@@ -73,14 +73,20 @@ def row_ratios(row: dict[str, Any], form: str) -> dict[str, float]:
     return out
 
 
+def geometric_mean(values: Iterable[float]) -> float | None:
+    """Of the positive values (ratios to a line: 2x over and 2x under average to 1); None when there is none."""
+    logs = [math.log(v) for v in values if v > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else None
+
+
 def per_parameter(rows: Iterable[dict[str, Any]], form: str) -> dict[str, float]:
     """Per parameter: the geometric mean of measured / predicted over the rows."""
-    logs: dict[str, list[float]] = {}
+    values: dict[str, list[float]] = {}
     for row in rows:
         for name, value in row_ratios(row, form).items():
-            if value > 0:
-                logs.setdefault(name, []).append(math.log(value))
-    return {name: math.exp(sum(v) / len(v)) for name, v in logs.items()}
+            values.setdefault(name, []).append(value)
+    means = {name: geometric_mean(v) for name, v in values.items()}
+    return {name: mean for name, mean in means.items() if mean is not None}
 
 
 def by_layer_type(rows: Iterable[dict[str, Any]], form: str) -> dict[str, dict[str, float]]:

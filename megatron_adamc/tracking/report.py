@@ -22,6 +22,7 @@ from megatron_adamc.tracking.forms import (
     by_layer_type,
     cosine_by_layer_type,
     forms_present,
+    geometric_mean,
     resolvable,
     row_ratios,
 )
@@ -194,8 +195,7 @@ def _last_gap(run: Run, form: str) -> float | None:
     """Geometric mean over parameters of measured / predicted in ``form`` at the last tracked step (1 = on the line);
     None when the run has no prediction of that form (it does not apply to the run's optimizer)."""
     row = _last_predicted_row(run, form)
-    values = [v for v in row_ratios(row, form).values() if v > 0] if row else []
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+    return geometric_mean(row_ratios(row, form).values()) if row else None
 
 
 def _prediction_kind(run: Run) -> str:
