@@ -279,3 +279,25 @@ def test_prepare_default_data_is_idempotent_and_rebuilds_only_what_changed(tmp_p
     assert Tokenizer(paths.tokenizer_model).vocab_size == 600
     ds = IndexedDataset(paths.valid_prefix)
     assert ds[0].tolist() == Tokenizer(paths.tokenizer_model).encode(read_jsonl(paths.valid_jsonl)[0]) + [2]
+
+
+def test_a_second_job_on_the_same_index_cache_waits_for_the_first(data, tmp_path):
+    """Two jobs sharing an index cache (an experiment's side-by-side runs): megatron-core writes the cache files in
+    place, so the second must not look at them while the first holds the cache's lock; afterwards it reads them."""
+    import threading
+
+    from megatron_adamc.data.files import cache_lock
+
+    cache = str(tmp_path / "cache")
+    built: list[int] = []
+    prefix = str(data["dir"] / "train")
+    job = threading.Thread(
+        target=lambda: built.append(len(build_gpt_datasets(prefix, None, SEQ, 5, 200, None, data["tok"], cache)[0])),
+    )
+    with cache_lock(cache):
+        job.start()
+        job.join(timeout=3.0)
+        assert job.is_alive() and not built, "the second job built while the first held the cache"
+        assert [p for p in os.listdir(cache) if p != ".lock"] == []
+    job.join(timeout=120)
+    assert len(built) == 1 and built[0] >= 200 and any(p.endswith(".npy") for p in os.listdir(cache))

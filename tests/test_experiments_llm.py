@@ -5,14 +5,22 @@ What is checked is what could silently be wrong: the rise and the integrated dec
 from metrics.jsonl, the control's lambda really matches AdamC's integrated decay, AdamW and AdamC runs differ only in
 the optimizer type, a deliberately huge lr is flagged as diverged (the trainer's guard stops it with exit 3, a result
 that a rerun reuses; other exits still raise) and the ladder stops above it, the per-seed largest stable lr and
-Wortsman's sensitivity follow their definitions, and bad input is one line with exit code 2.
+Wortsman's sensitivity follow their definitions, runs forked two at a time give bitwise the metrics of their
+command.txt run by hand, a failed run stops the queue from starting more, and bad input is one line with exit code 2.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from conftest import SMALL_CORPUS_DIR
@@ -20,9 +28,11 @@ from conftest import SMALL_CORPUS_DIR
 import megatron_adamc.cli as cli
 from megatron_adamc.core import theory
 from megatron_adamc.experiments import adamc_vs_adamw, stability
-from megatron_adamc.experiments._trainer_runs import RunQueue
+from megatron_adamc.experiments._trainer_runs import RunQueue, RunsStopped
+from megatron_adamc.metrics_file import DATA_WAIT_S, STEP_TIME_S, TOKENS_PER_S
 
 DATA = ["vocab_size=512", "max_bytes=400000", f"data_cache_dir={SMALL_CORPUS_DIR}", "seq_len=32", "micro_batch_size=4"]
+DATA += ["workers=2"]  # two runs side by side, forked from the fork server (the defaults)
 AVW = DATA + ["steps=40", "warmup_steps=2", "seeds=2", "weight_decays=[0.1,2.0]", "tracking_interval=4"]
 AVW += ["eval_points=2", "eval_batches=2", "lr=0.01", "long_weight_decay=2.0", "long_lr_wd_steps=1.2", "long_seeds=1"]
 AVW += ["equilibrium_steps=60", "equilibrium_weight_decay=5.0", "settled_decay=1.0"]
@@ -176,6 +186,86 @@ def test_a_diverged_run_is_reused_and_other_trainer_failures_raise(stab, capsys)
     assert "diverged" in queue.diverged(name)["error"]
     with pytest.raises(RuntimeError, match="exited with 2: .*optimizer.lr"):
         queue.run("bad-lr", ["optimizer.lr=-1"], 60, 1, may_diverge=True)
+
+
+def test_a_forked_run_equals_its_command_run_by_hand(stab, tmp_path):
+    """The queue forks runs from a server that imported the trainer once, two at a time; the run's command.txt,
+    run as a fresh process, gives every logged number bitwise (timings aside)."""
+    out, _ = stab
+    name = "qk_norm-d64-lr0.03-seed1"
+    command = shlex.split((out / "runs" / name / "command.txt").read_text())
+    command[command.index("--output-dir") + 1] = str(tmp_path / "by_hand")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    def logged(path) -> list[dict]:
+        timings = {TOKENS_PER_S, STEP_TIME_S, DATA_WAIT_S}
+        return [{k: v for k, v in row.items() if k not in timings} for row in map(json.loads, path.open())]
+
+    forked, by_hand = logged(out / "runs" / name / "metrics.jsonl"), logged(tmp_path / "by_hand" / "metrics.jsonl")
+    assert forked[-1]["step"] == 60 and any("act_rms/layers.0.attn.qkv" in r for r in forked)
+    assert forked == by_hand
+
+
+def test_a_failed_run_stops_the_queue_starting_more(stab, capsys):
+    """One task fails: the one running beside it finishes, no new run starts, and the failure is what is raised."""
+    out, results = stab
+    cfg = stability.Config(**{**results["config"], "workers": 2})
+    queue = RunQueue(cfg, out, total_steps=60)
+    finished = threading.Event()
+
+    def fail() -> None:
+        raise ValueError("the first task failed")
+
+    def running_then_next() -> list[dict]:
+        time.sleep(1.0)  # running while the other task fails
+        finished.set()
+        return queue.run("never-started", ["optimizer.lr=0.01"], 60, 1)
+
+    with pytest.raises(ValueError, match="the first task failed"):
+        queue.parallel([fail, running_then_next])
+    assert finished.is_set() and not (out / "runs" / "never-started").exists()
+    with pytest.raises(RunsStopped):
+        queue.run("never-started", ["optimizer.lr=0.01"], 60, 1)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = (Path("/proc") / entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # field 5: the process group
+            members.append(int(entry))
+    return members
+
+
+def test_ctrl_c_ends_the_experiment_and_every_run_it_started(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two runs train: exit 130 with one
+    line, the fork server and every run gone, and no half-finished run recorded as finished."""
+    sets = DATA + ["steps=2000", "warmup_steps=3", "variants=[baseline,qk_norm]", "widths=[64]", "seeds=[0]"]
+    sets += ["lrs=[0.01]", "common_lr=0.01", "tracking_interval=50", "eval_batches=2"]
+    argv = [sys.executable, "-m", "megatron_adamc.cli", "experiment", "stability", "--output-dir", str(tmp_path)]
+    argv += [a for kv in sets for a in ("--set", kv)]
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while sum((d / "metrics.jsonl").is_file() for d in tmp_path.glob("runs/*")) < 2:  # both runs training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "megatron-adamc experiment: interrupted"
+    deadline = time.monotonic() + 10
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _group_members(proc.pid) == []
+    assert not list(tmp_path.glob("runs/*/overrides.json"))  # a rerun trains both again, from the start
 
 
 def ladder(lr_losses: list[tuple[float, float | None]], variant: str = "baseline", width: int = 64, seed: int = 0):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from megatron_adamc.data.corpus import write_stdlib_corpus
 from megatron_adamc.data.documents import iter_documents
-from megatron_adamc.data.files import atomic_path
+from megatron_adamc.data.files import atomic_path, cache_lock
 from megatron_adamc.data.indexed import preprocess
 from megatron_adamc.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -77,7 +77,8 @@ def prepare_default_data(
 
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        paths = _prepare(out_dir, vocab_size, max_bytes, max_documents, workers, progress)
+        with cache_lock(out_dir):  # another job preparing the same cache: wait for it, then reuse its files
+            paths = _prepare(out_dir, vocab_size, max_bytes, max_documents, workers, progress)
     if distributed:
         dist.barrier()
         if dist.get_rank() != 0:

@@ -1,8 +1,10 @@
-"""Write-then-rename, so a failed or interrupted step never leaves a half-written file in place of a good one."""
+"""Write-then-rename, so a failed or interrupted step never leaves a half-written file in place of a good one; and
+a lock for caches that several runs share, so that two of them never build (and read half-built) the same files."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Iterator
 
@@ -25,3 +27,25 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cache_lock(directory: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (a ``.lock`` file in it) while building or checking its files.
+
+    Runs of one job coordinate through their process group; this is for separate jobs on one cache (an experiment's
+    side-by-side runs, two users' jobs): megatron-core writes its index caches in place, so a second job could load
+    a file the first is still writing. flock is released by the kernel if the holder dies, so a crash never leaves
+    the cache locked. A read-only cache (prebuilt and shared) cannot be written by anyone: no lock is needed."""
+    os.makedirs(directory, exist_ok=True)
+    try:
+        handle = open(os.path.join(directory, ".lock"), "a")  # noqa: SIM115 (closed below, after the unlock)
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from megatron_adamc.data.blend import Blend, parse_blend
+from megatron_adamc.data.files import cache_lock
 from megatron_adamc.data.megatron_import import quiet_megatron_import
 from megatron_adamc.data.tokenizer import Tokenizer
 from megatron_adamc.data.validate import check_split_sizes
@@ -32,6 +33,19 @@ def _process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _index_cache_lock(cache_dir: str) -> Iterator[None]:
+    """Rank 0 (the rank megatron-core builds the index caches on; the others wait at its barrier) holds the cache's
+    lock, so another job on the same cache never loads an index this one is still writing."""
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        yield
+        return
+    with cache_lock(cache_dir):
+        yield
 
 
 def build_gpt_datasets(
@@ -96,7 +110,7 @@ def build_gpt_datasets(
         **blend_kwargs,
     )
     sizes = [num_train_samples, num_valid_samples, 0]
-    with _process_group():
+    with _process_group(), _index_cache_lock(cache_dir):
         datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     train_ds, valid_ds = datasets[0], datasets[1]
     if train_ds is None or len(train_ds) == 0:

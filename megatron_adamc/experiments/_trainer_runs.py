@@ -1,8 +1,9 @@
-"""What the LLM experiments share: each run is one ``megatron-adamc train`` subprocess, read back from metrics.jsonl.
+"""What the LLM experiments share: each run is one ``megatron-adamc train`` process, read back from metrics.jsonl.
 
-A subprocess per run keeps runs isolated (DeepSpeed's global state, RNG, memory) and makes every run a command a user
+A process per run keeps runs isolated (DeepSpeed's global state, RNG, memory) and makes every run a command a user
 can repeat by hand: its exact ``--set`` list is saved beside its metrics. A finished run whose overrides match is
-reused, so an interrupted experiment continues where it stopped.
+reused, so an interrupted experiment continues where it stopped. Independent runs go side by side, one per CPU core
+(or GPU), each forked from a server that imported the trainer once (``_launcher``).
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
-import sys
+import socket
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from megatron_adamc.errors import DivergenceError, UserError
+from megatron_adamc.experiments import _launcher as launcher
 from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.resources import configs_dir, find_file
 
@@ -33,6 +37,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "1B": dict(preset="1B"),
 }
 ModelName = Literal["micro", "tiny", "125M", "350M", "1B"]
+T = TypeVar("T")
 DIVERGED_FILE = "diverged.json"  # beside a run's metrics: the trainer stopped it as diverged (exit 3), and where
 
 
@@ -52,6 +57,14 @@ class LlmConfig(BaseModel):
     base_config: str | None = Field(None, description="trainer YAML the overrides apply to; default llama_tiny.yaml")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON, e.g. configs/deepspeed/zero1_bf16.json on a GPU")
     extra: list[str] = Field(default_factory=list, description="raw trainer overrides appended to every run")
+    workers: int | None = Field(
+        None, ge=1, description="runs at once; default: one per GPU, else one per CPU core (a run is single-threaded)"
+    )
+    fork_server: bool = Field(
+        True,
+        description="fork each run from a process that imported the trainer once (saves ~10 s a run); false: a "
+        "fresh `python -m megatron_adamc.cli train` per run, the command in its command.txt",
+    )
 
 
 def base_config_path(cfg: LlmConfig) -> Path:
@@ -95,8 +108,24 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def default_workers() -> int:
+    """One run per GPU when there are GPUs, else one per CPU core (each run is single-threaded)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class RunsStopped(RuntimeError):
+    """A run was not started because another one failed or the experiment was interrupted."""
+
+
 class RunQueue:
-    """Runs trainer subprocesses one at a time and prints which run, its step, and the ETA of run and experiment."""
+    """Runs trainer processes, ``workers`` at a time, and prints which run, its step, and the ETA of run and
+    experiment. ``run`` trains one; ``parallel`` runs independent tasks (each a sequence of ``run`` calls)
+    side by side: on a failure no new run starts and the running ones finish (their work is reused on a rerun);
+    on Ctrl-C the running ones are killed."""
 
     def __init__(self, cfg: LlmConfig, output_dir: Path, total_steps: int, print_every_s: float = 15.0) -> None:
         self.base = base_config_path(cfg)
@@ -108,7 +137,18 @@ class RunQueue:
         self.trained_s = 0.0
         self.print_every_s = print_every_s
         self.count = 0
-        self._seen: tuple[str, int, float] | None = None
+        self.workers = cfg.workers or default_workers()
+        self.fork_server = cfg.fork_server
+        self._lock = threading.Lock()
+        self._stop = threading.Event()  # a task failed: start no new run
+        self._abort = threading.Event()  # interrupted: kill the running ones
+        self._ports: set[int] = set()
+        self._gpus = _visible_gpus()
+        self._free_gpus = list(self._gpus)
+
+    def say(self, line: str) -> None:
+        with self._lock:
+            print(line, flush=True)
 
     def shared_command(self) -> str:
         """The part of every run's command that is the same for all runs (``<name>`` stands for the run's name);
@@ -127,6 +167,25 @@ class RunQueue:
         path = self.runs_dir / name / DIVERGED_FILE
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def parallel(self, tasks: list[Callable[[], T]]) -> list[T]:
+        """Run independent ``tasks`` up to ``workers`` at a time; their results in the order given."""
+        if self.workers == 1 or len(tasks) <= 1:
+            return [task() for task in tasks]
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="run-queue")
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    self._stop.set()  # the running ones finish; nothing new starts
+            return [f.result() for f in futures]
+        except BaseException:
+            self._stop.set()
+            self._abort.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._abort.clear()
+
     def run(
         self, name: str, overrides: list[str], steps: int, total_runs: int, may_diverge: bool = False
     ) -> list[dict[str, Any]]:
@@ -134,79 +193,127 @@ class RunQueue:
 
         With ``may_diverge``, a run the trainer's divergence guard stops (exit 3) is a result, not a failure: its
         records end at the step it stopped at, and ``diverged(name)`` says so. Any other failure raises."""
-        self.count += 1
+        if self._stop.is_set():
+            raise RunsStopped(f"{name}: not started, another run failed or the experiment was interrupted")
+        with self._lock:
+            self.count += 1
+            tag = f"[{self.count}/{total_runs}] {name}"
         run_dir = self.runs_dir / name
         sets = self.common + overrides + [f"train.steps={steps}"]
-        tag = f"[{self.count}/{total_runs}] {name}"
         saved = run_dir / "overrides.json"
         records = load_metrics(run_dir / "metrics.jsonl")
         ended = bool(records) and (records[-1]["step"] == steps or (may_diverge and self.diverged(name) is not None))
         if saved.is_file() and json.loads(saved.read_text()) == sets and ended:
-            print(f"{tag}: reusing the finished run in {run_dir}", flush=True)
-            self.done_steps += steps
+            self.say(f"{tag}: reusing the finished run in {run_dir}")
+            with self._lock:
+                self.done_steps += steps
             return records
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a different or unfinished run: the trainer would resume it, so start clean
         run_dir.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "megatron_adamc.cli", "train", "--config", str(self.base)]
-        cmd += ["--output-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
-        (run_dir / "command.txt").write_text("python " + shlex.join(cmd[1:]) + "\n")
+        argv = ["train", "--config", str(self.base), "--output-dir", str(run_dir)]
+        argv += [a for s in sets for a in ("--set", s)]
+        (run_dir / "command.txt").write_text("python " + shlex.join(["-m", "megatron_adamc.cli", *argv]) + "\n")
+        self.say(f"{tag}: training {steps} steps -> {run_dir}")
+        start = time.monotonic()
+        returncode = self._train(argv, run_dir, tag, steps)
+        elapsed = time.monotonic() - start
+        records = load_metrics(run_dir / "metrics.jsonl")
+        log = run_dir / "train.log"
+        tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        stopped = may_diverge and returncode == DivergenceError.exit_code and bool(records)
+        if stopped:
+            (run_dir / DIVERGED_FILE).write_text(json.dumps({"step": records[-1]["step"], "error": tail[0]}) + "\n")
+        elif returncode != 0 or not records or records[-1]["step"] != steps:
+            raise RuntimeError(f"{name}: the trainer exited with {returncode}: {tail[0]} (log: {log})")
+        saved.write_text(json.dumps(sets, indent=1) + "\n")
+        with self._lock:
+            self.done_steps += steps
+            self.trained_steps += records[-1]["step"]  # a diverged run stopped early: its time is for fewer steps
+            self.trained_s += elapsed
+            eta = self._eta(self.total_steps - self.done_steps)
+        loss = records[-1].get("loss", math.nan)
+        done = f"diverged at step {records[-1]['step']} (the trainer stopped it)" if stopped else "done"
+        self.say(f"{tag}: {done} in {_fmt_time(elapsed)}, final loss {loss:.4f}; experiment ETA {_fmt_time(eta)}")
+        return records
+
+    def _eta(self, steps_left: float) -> float:
+        """Seconds for ``steps_left`` more steps at the rate so far (start-up included), ``workers`` at a time."""
+        if not self.trained_steps:
+            return math.nan
+        return steps_left * self.trained_s / self.trained_steps / self.workers
+
+    def _train(self, argv: list[str], run_dir: Path, tag: str, steps: int) -> int:
+        """One trainer process with its own rendezvous port (and GPU), watched until it ends; its exit code."""
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        start = last_print = time.monotonic()
-        print(f"{tag}: training {steps} steps -> {run_dir}", flush=True)
-        with (run_dir / "train.log").open("w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with self._lock:
+            port = _free_port(self._ports)
+            self._ports.add(port)
+            gpu = self._free_gpus.pop() if self._free_gpus else None
+        env["MASTER_PORT"] = str(port)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        try:
+            proc = launcher.start(argv, env, run_dir / "train.log", self.fork_server)
+            start = last_print = time.monotonic()
+            seen: dict[str, float] = {}
             try:
                 while proc.poll() is None:
-                    time.sleep(0.5)
+                    if self._abort.wait(0.5):
+                        raise RunsStopped(f"{tag}: killed, the experiment was interrupted")
                     if time.monotonic() - last_print >= self.print_every_s:
                         last_print = time.monotonic()
-                        self._progress(tag, run_dir, steps, time.monotonic() - start)
+                        self._progress(tag, run_dir, steps, time.monotonic() - start, seen)
             except BaseException:
                 proc.kill()
                 proc.wait()
                 raise
-        elapsed = time.monotonic() - start
-        records = load_metrics(run_dir / "metrics.jsonl")
-        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(empty log)"]
-        stopped = may_diverge and proc.returncode == DivergenceError.exit_code and bool(records)
-        if stopped:
-            (run_dir / DIVERGED_FILE).write_text(json.dumps({"step": records[-1]["step"], "error": tail[0]}) + "\n")
-        elif proc.returncode != 0 or not records or records[-1]["step"] != steps:
-            raise RuntimeError(f"{name}: the trainer exited with {proc.returncode}: {tail[0]} (log: {log.name})")
-        saved.write_text(json.dumps(sets, indent=1) + "\n")
-        self.done_steps += steps
-        self.trained_steps += records[-1]["step"]  # a diverged run stopped early: its time is for fewer steps
-        self.trained_s += elapsed
-        left = self.total_steps - self.done_steps
-        eta = left * self.trained_s / self.trained_steps
-        loss = records[-1].get("loss", math.nan)
-        done = f"diverged at step {records[-1]['step']} (the trainer stopped it)" if stopped else "done"
-        print(
-            f"{tag}: {done} in {_fmt_time(elapsed)}, final loss {loss:.4f}; experiment ETA {_fmt_time(eta)}",
-            flush=True,
-        )
-        return records
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._ports.discard(port)
+                if gpu is not None:
+                    self._free_gpus.append(gpu)
 
-    def _progress(self, tag: str, run_dir: Path, steps: int, elapsed: float) -> None:
+    def _progress(self, tag: str, run_dir: Path, steps: int, elapsed: float, seen: dict[str, float]) -> None:
         last = MetricsFile(run_dir).last_row()
         if last is None:
-            print(f"{tag}: starting ({_fmt_time(elapsed)})", flush=True)
+            self.say(f"{tag}: starting ({_fmt_time(elapsed)})")
             return
         step, now = int(last.get("step", 0)), time.monotonic()
-        if self._seen is None or self._seen[0] != tag:
-            self._seen = (tag, step, now)  # rate from here on: start-up (data, DeepSpeed) excluded
-        _, step0, t0 = self._seen
+        if not seen:
+            seen.update(step=step, time=now)  # rate from here on: start-up (data, DeepSpeed) excluded
+        step0, t0 = seen["step"], seen["time"]
         per_step = (now - t0) / (step - step0) if step > step0 else elapsed / max(step, 1)
         run_eta = (steps - step) * per_step
-        if self.trained_steps:
-            per_step = self.trained_s / self.trained_steps  # includes start-up, so the experiment ETA is honest
-        eta = run_eta + (self.total_steps - self.done_steps - steps) * per_step
-        print(
+        with self._lock:
+            left = self.total_steps - self.done_steps - steps
+            rest = self._eta(left) if self.trained_steps else left * per_step / self.workers
+        self.say(
             f"{tag}: step {step}/{steps} loss {last.get('loss', math.nan):.4f} | run ETA {_fmt_time(run_eta)} | "
-            f"experiment ETA {_fmt_time(eta)}",
-            flush=True,
+            f"experiment ETA {_fmt_time(run_eta + max(rest, 0.0))}"
         )
+
+
+def _free_port(taken: set[int]) -> int:
+    """A free local TCP port that no run of this queue holds: concurrent runs each need their own rendezvous."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+def _visible_gpus() -> list[str]:
+    """The GPU ids a run can be pinned to (CUDA_VISIBLE_DEVICES of one each), none on a CPU machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    return ids or [str(i) for i in range(torch.cuda.device_count())]
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

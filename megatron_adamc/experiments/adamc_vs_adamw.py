@@ -17,6 +17,7 @@ comparison at one lambda cannot tell a better schedule from a smaller decay. The
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -42,8 +43,9 @@ STAT_KEYS = ("final_train_loss", "final_val_loss", "grad_norm_rise", "grad_norm_
 
 
 class Config(LlmConfig):
-    """Defaults: lr 3e-3, 1000 steps, 5 lambdas over two decades (lr*wd*steps 0.09 to 9), 3 seeds at each best; about
-    25 minutes on 2 idle CPU cores (19 runs, ~45k steps)."""
+    """Defaults: lr 3e-3, 1000 steps, 6 lambdas from 0.01 to 3 (lr*wd*steps 0.03 to 9), 3 seeds at each best, the
+    control, a long trio of 6667 steps x 3 seeds and a 2500-step equilibrium run: 30 runs, 82.5k steps, 22 minutes on
+    this 2-core CPU, idle, two runs side by side (docs/results_adamc_vs_adamw.md)."""
 
     lr: float = Field(3e-3, gt=0, description="peak lr; cosine to zero after a short warmup")
     steps: int = Field(1000, gt=0)
@@ -236,7 +238,8 @@ def adam_forms(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Runs:
-    """The experiment's trainer runs: trains (or reuses) one, keeps its records and its summary."""
+    """The experiment's trainer runs: trains (or reuses) them, a batch of independent ones side by side, and keeps
+    their records and summaries (in the order the batches list them, whatever order they finish in)."""
 
     def __init__(self, cfg: Config, output_dir: Path) -> None:
         self.cfg = cfg
@@ -252,23 +255,25 @@ class _Runs:
         kind = "constant" if schedule == "constant" else "long" if steps != self.cfg.steps else "cosine"
         name = run_name(opt, wd, seed, kind, steps)
         self.curves[name] = self.queue.run(name, overrides(self.cfg, opt, wd, seed, steps, schedule), steps, self.total)
-        result = {"name": name, **summarize_run(self.cfg, self.curves[name], opt, wd, seed, phase, steps)}
-        self.summaries.append(result)
-        return result
+        return {"name": name, **summarize_run(self.cfg, self.curves[name], opt, wd, seed, phase, steps)}
 
-    def control(self, adamc: dict[str, Any], seeds: range, phase: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """AdamW at the lambda whose sum_t lr_t lambda equals the AdamC run ``adamc``'s, over the lrs it logged."""
+    def batch(self, specs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """Train the runs ``specs`` (``train``'s arguments each), independent of one another, longest first."""
+        order = sorted(range(len(specs)), key=lambda i: -specs[i][4])  # the longest first: the batch ends sooner
+        done = self.queue.parallel([functools.partial(self.train, *specs[i]) for i in order])
+        results = [done[order.index(i)] for i in range(len(specs))]
+        self.summaries += results
+        return results
+
+    def control(self, adamc: dict[str, Any]) -> dict[str, Any]:
+        """AdamW's lambda whose sum_t lr_t lambda equals the AdamC run ``adamc``'s, over the lrs it logged."""
         lrs = [r["lr"] for r in self.curves[adamc["name"]] if "lr" in r]
-        wd = float(f"{matched_adamw_decay(lrs, adamc['weight_decay'], self.cfg.lr):.4g}")
-        group = [self.train("AdamW", wd, seed, phase, adamc["steps"]) for seed in seeds]
-        info = {
+        return {
             "rule": "AdamW lambda = sum_t lr_t^2 lambda_C / lr_max / sum_t lr_t, over the lrs the AdamC run logged",
-            "weight_decay": wd,
+            "weight_decay": float(f"{matched_adamw_decay(lrs, adamc['weight_decay'], self.cfg.lr):.4g}"),
             "adamc_weight_decay": adamc["weight_decay"],
             "adamc_integrated_decay": integrated_decay(lrs, adamc["weight_decay"], self.cfg.lr),
-            "control_integrated_decay": mean_std([r["integrated_decay"] for r in group]),
         }
-        return info, group
 
 
 def long_steps(cfg: Config) -> int:
@@ -286,20 +291,43 @@ def near_best(sweep: list[dict[str, Any]], best: dict[str, Any], opt: str) -> li
 
 
 def run(cfg: Config, output_dir: Path) -> dict:
-    """Sweep, seeds, control, no-decay reference, long trio and equilibrium run; write results.json and the figures."""
+    """Two batches of independent runs, each side by side: (1) the sweep, the no-decay reference, the long AdamW and
+    AdamC runs and the equilibrium run; (2) what depends on them: more seeds at each best lambda, the control, the
+    long trio's control. Then results.json and the figures."""
     from megatron_adamc.experiments._adamc_vs_adamw_figures import plot_adam_forms, plot_overview
 
     output_dir.mkdir(parents=True, exist_ok=True)
     runs = _Runs(cfg, output_dir)
-    sweep = [runs.train(opt, wd, 0, "sweep", cfg.steps) for wd in cfg.weight_decays for opt in OPTIMIZERS]
-    no_decay = runs.train("AdamW", 0.0, 0, "no_decay", cfg.steps) if cfg.no_decay_reference else None
+    long_n, long_wd = long_steps(cfg), cfg.long_weight_decay
+    first: list[tuple[Any, ...]] = [(opt, wd, 0, "sweep", cfg.steps) for wd in cfg.weight_decays for opt in OPTIMIZERS]
+    if cfg.no_decay_reference:
+        first.append(("AdamW", 0.0, 0, "no_decay", cfg.steps))
+    if cfg.long_lr_wd_steps > 0:
+        first += [(opt, long_wd, seed, "long", long_n) for seed in range(cfg.long_seeds) for opt in OPTIMIZERS]
+    if cfg.equilibrium_steps:
+        first.append(("AdamW", cfg.equilibrium_weight_decay, 0, "equilibrium", cfg.equilibrium_steps, "constant"))
+    done = runs.batch(first)
+    sweep = [r for r in done if r["phase"] == "sweep"]
+    no_decay = next((r for r in done if r["phase"] == "no_decay"), None)
+    long_runs = {(r["optimizer"], r["seed"]): r for r in done if r["phase"] == "long"}
+
     best_wd = best_weight_decays(sweep)
-    for seed in range(1, cfg.seeds):
-        for opt, wd in best_wd.items():
-            runs.train(opt, wd, seed, "seed", cfg.steps)
+    second: list[tuple[Any, ...]] = [
+        (opt, wd, seed, "seed", cfg.steps) for seed in range(1, cfg.seeds) for opt, wd in best_wd.items()
+    ]
+    control: dict[str, Any] = {}
+    if cfg.control and "AdamC" in best_wd:
+        adamc = next(r for r in sweep if (r["optimizer"], r["weight_decay"]) == ("AdamC", best_wd["AdamC"]))
+        control = runs.control(adamc)
+        second += [("AdamW", control["weight_decay"], seed, "control", cfg.steps) for seed in range(cfg.seeds)]
+    long_control = [runs.control(long_runs["AdamC", seed]) for seed in range(cfg.long_seeds)] if long_runs else []
+    second += [("AdamW", c["weight_decay"], seed, "long_control", long_n) for seed, c in enumerate(long_control)]
+    runs.batch(second)
+
     tuned = [r for r in runs.summaries if r["phase"] in ("sweep", "seed")]
     at_best = {
-        opt: [r for r in tuned if (r["optimizer"], r["weight_decay"]) == (opt, wd)] for opt, wd in best_wd.items()
+        opt: sorted((r for r in tuned if (r["optimizer"], r["weight_decay"]) == (opt, wd)), key=lambda r: r["seed"])
+        for opt, wd in best_wd.items()
     }
     best = {
         opt: {
@@ -314,20 +342,20 @@ def run(cfg: Config, output_dir: Path) -> dict:
     }
     for opt in best:
         best[opt]["near_best_weight_decays"] = near_best(sweep, best[opt], opt)
-    control: dict[str, Any] = {}
-    if cfg.control and "AdamC" in best_wd:
-        control, group = runs.control(at_best["AdamC"][0], range(cfg.seeds), "control")
+    if control:
+        group = [r for r in runs.summaries if r["phase"] == "control"]
+        control["control_integrated_decay"] = mean_std([r["integrated_decay"] for r in group])
         control.update({**stats(group), "adamc_minus_control": paired(at_best["AdamC"], group)})
     long: dict[str, Any] = {}
-    if cfg.long_lr_wd_steps > 0:
-        steps, wd = long_steps(cfg), cfg.long_weight_decay
-        trios: dict[str, list[dict[str, Any]]] = {"AdamW": [], "AdamC": [], "AdamW_control": []}
-        for seed in range(cfg.long_seeds):
-            for opt in OPTIMIZERS:
-                trios[opt].append(runs.train(opt, wd, seed, "long", steps))
-            info, group = runs.control(trios["AdamC"][-1], range(seed, seed + 1), "long_control")
-            trios["AdamW_control"] += group
-        long = {"steps": steps, "lr_wd_steps": round(cfg.lr * wd * steps, 10), "control": info}
+    if long_runs:
+        trios = {
+            "AdamW": [long_runs["AdamW", seed] for seed in range(cfg.long_seeds)],
+            "AdamC": [long_runs["AdamC", seed] for seed in range(cfg.long_seeds)],
+            "AdamW_control": [r for r in runs.summaries if r["phase"] == "long_control"],
+        }
+        last = trios["AdamW_control"][-1]["integrated_decay"]
+        info = {**long_control[-1], "control_integrated_decay": mean_std([last])}
+        long = {"steps": long_n, "lr_wd_steps": round(cfg.lr * long_wd * long_n, 10), "control": info}
         for key, group in trios.items():
             long[key] = {
                 "weight_decay": group[0]["weight_decay"],
@@ -338,8 +366,6 @@ def run(cfg: Config, output_dir: Path) -> dict:
             }
         long["adamc_minus_adamw"] = paired(trios["AdamC"], trios["AdamW"])
         long["adamc_minus_control"] = paired(trios["AdamC"], trios["AdamW_control"])
-    if cfg.equilibrium_steps:
-        runs.train("AdamW", cfg.equilibrium_weight_decay, 0, "equilibrium", cfg.equilibrium_steps, "constant")
     results = {
         "best": best,
         "adamc_minus_adamw_at_best": paired(at_best.get("AdamC", []), at_best.get("AdamW", [])),

@@ -15,9 +15,11 @@ as diverged, at L0.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +51,8 @@ def sqrt2_grid(first: int, last: int) -> list[float]:
 
 class Config(LlmConfig):
     """Defaults: 4 variants x 2 widths x 20 lrs (0.00141 to 1.02, factor sqrt(2)) x 2 seeds = 320 runs of 200 steps,
-    fewer with the ladders cut after two diverged lrs. Measured on 2 shared CPU cores: 315 runs, 79 minutes of trainer
-    steps plus ~8 s start-up a run, 1.5-2.5 hours in all (docs/results_stability.md)."""
+    fewer with the ladders cut after two diverged lrs. Measured on this 2-core CPU, idle: 315 runs trained in 28 min,
+    two ladders side by side (docs/results_stability.md)."""
 
     variants: list[VariantName] = Field(default_factory=lambda: list(DEFAULT_VARIANTS), min_length=1)
     widths: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, description="model dims d")
@@ -311,7 +313,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: Config, output_dir: Path) -> dict:
-    """Sweep every (variant, width, seed) ladder; write results.json and stability.png; return the results."""
+    """Sweep every (variant, width, seed) ladder, ladders side by side (``workers``); write results.json and
+    stability.png; return the results."""
     from megatron_adamc.experiments._stability_figures import plot
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -320,35 +323,44 @@ def run(cfg: Config, output_dir: Path) -> dict:
     ladders = [(w, v, s) for w in cfg.widths for s in cfg.seeds for v in cfg.variants]
     total = len(ladders) * len(lrs)
     queue = RunQueue(cfg, output_dir, total_steps=total * cfg.steps)
-    threshold: float | None = cfg.divergence_loss
+    threshold: list[float] = [cfg.divergence_loss] if cfg.divergence_loss is not None else []
     curves: dict[str, list[dict[str, Any]]] = {}
-    runs: list[dict[str, Any]] = []
-    for width, variant, seed in ladders:
+    lock = threading.Lock()
+
+    def divergence_loss() -> float:
+        with lock:
+            if not threshold:
+                threshold.append(unigram_entropy(cache))  # a finished run has built the data
+            return threshold[0]
+
+    def ladder(width: int, variant: str, seed: int) -> list[dict[str, Any]]:
+        """One (variant, width, seed) ladder, lr by lr, cut after ``skip_after_diverged`` divergences in a row."""
+        runs: list[dict[str, Any]] = []
         streak = 0
         for lr in lrs:
             if cfg.skip_after_diverged and streak >= cfg.skip_after_diverged:
                 initial = runs[-1]["initial_loss"]
                 runs.append(skipped_run(variant, width, lr, seed, initial, cfg.skip_after_diverged))
-                queue.total_steps -= cfg.steps
+                with lock:
+                    queue.total_steps -= cfg.steps
                 continue
             name = run_name(variant, width, lr, seed)
-            sets = overrides(cfg, variant, width, lr, seed)
-            curves[name] = queue.run(name, sets, cfg.steps, total, may_diverge=True)
-            if threshold is None:
-                threshold = unigram_entropy(cache)  # the first run has built the data
-            result = {
-                "name": name,
-                "width": width,
-                "seed": seed,
-                **summarize_run(cfg, curves[name], variant, lr, threshold, queue.diverged(name)),
-            }
-            runs.append(result)
+            records = queue.run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, total, may_diverge=True)
+            curves[name] = records
+            stopped = queue.diverged(name)
+            result = summarize_run(cfg, records, variant, lr, divergence_loss(), stopped)
+            runs.append({"name": name, "width": width, "seed": seed, **result})
             streak = streak + 1 if result["diverged"] else 0
+        return runs
+
+    per_ladder = queue.parallel([functools.partial(ladder, *key) for key in ladders])
+    runs = [r for ladder_runs in per_ladder for r in ladder_runs]
+    threshold_value = threshold[0]
     summary = summarize(cfg, runs)
     results = {
         **headline(summary),
         **summary,
-        "divergence_loss": threshold,
+        "divergence_loss": threshold_value,
         "divergence_rule": "non-finite loss or updates (the trainer's guard stops the run: exit 3), or the "
         f"{SPIKE_WINDOW}-step mean of the loss after warmup above the first step's loss, or the final train loss (mean "
         "of the last 10% of steps) above divergence_loss (default: the unigram entropy of the training tokens)",

@@ -1,0 +1,96 @@
+"""Start one trainer run as its own process: forked from a server that has imported the trainer once, or as a fresh
+``python -m megatron_adamc.cli train``.
+
+A micro run trains in ~8 s but a fresh interpreter spends ~10 s importing torch, DeepSpeed and megatron-core first,
+so a sweep of hundreds of runs is mostly imports. multiprocessing's fork server imports them once
+(``_fork_preload``) and forks each run from that state: still one process per run, with nothing initialized before
+the fork (no process group, no RNG draw, no CUDA, no threads), the same environment and argv, so a forked run gives
+bitwise the same metrics as its ``command.txt`` run by hand (tests/test_experiments_llm.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from multiprocessing import forkserver
+from pathlib import Path
+from typing import Protocol
+
+PRELOAD = "megatron_adamc.experiments._fork_preload"
+
+
+class TrainerProcess(Protocol):
+    """What the run queue needs of a running trainer: subprocess.Popen has it; ``_Forked`` adapts a fork."""
+
+    def poll(self) -> int | None: ...
+    def kill(self) -> None: ...
+    def wait(self) -> int: ...
+
+
+def fork_server_available() -> bool:
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def start(argv: list[str], env: dict[str, str], log: Path, fork_server: bool) -> TrainerProcess:
+    """Run ``megatron-adamc <argv>`` with ``env`` as its whole environment, stdout and stderr appended to ``log``."""
+    if not fork_server or not fork_server_available():
+        with log.open("a") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "megatron_adamc.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+    ctx = multiprocessing.get_context("forkserver")
+    _ensure_server(env)
+    proc = ctx.Process(target=_child, args=(argv, env, str(log)), name="megatron-adamc train")
+    proc.start()
+    return _Forked(proc)
+
+
+def _ensure_server(env: dict[str, str]) -> None:
+    """Start the fork server (once per experiment process) with the runs' thread settings: OpenMP reads them when
+    torch is imported, which the server does once for all its forks."""
+    forkserver.set_forkserver_preload([PRELOAD])
+    threads = {k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in env}
+    saved = {k: os.environ.get(k) for k in threads}
+    os.environ.update(threads)
+    try:
+        forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _child(argv: list[str], env: dict[str, str], log: str) -> None:
+    """In the forked process: the run's environment and output, then the CLI exactly as ``python -m`` runs it."""
+    os.environ.clear()
+    os.environ.update(env)
+    # multiprocessing made "forkserver" this process's default start method; a fresh interpreter has the platform's
+    # (its DataLoader workers are forked, not started through a new fork server: ~5 s a run).
+    multiprocessing.set_start_method(None, force=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    from megatron_adamc.cli import main
+
+    sys.argv = [sys.argv[0], *argv]
+    sys.exit(main(argv))
+
+
+class _Forked:
+    def __init__(self, proc: multiprocessing.process.BaseProcess) -> None:
+        self.proc = proc
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def wait(self) -> int:
+        self.proc.join()
+        return self.proc.exitcode
