@@ -111,9 +111,13 @@ def _marked_processes() -> dict[int, str]:
                     continue
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if "multiprocessing.resource_tracker" not in cmd:  # pytest's own; it ends with pytest
+        # pytest's own multiprocessing helpers (the in-process experiments start a fork server): they end with it.
+        own_fork_server = "multiprocessing.forkserver" in cmd and parent == os.getpid()
+        if "multiprocessing.resource_tracker" not in cmd and not own_fork_server:
             found[int(entry)] = cmd
     return found
 

@@ -249,7 +249,11 @@ def test_ctrl_c_ends_the_experiment_and_every_run_it_started(tmp_path):
     sets += ["lrs=[0.01]", "common_lr=0.01", "tracking_interval=50", "eval_batches=2"]
     argv = [sys.executable, "-m", "megatron_adamc.cli", "experiment", "stability", "--output-dir", str(tmp_path)]
     argv += [a for kv in sets for a in ("--set", kv)]
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    inherited = signal.getsignal(signal.SIGINT)  # SIG_IGN here would be inherited: the experiment would ignore it
+    proc = subprocess.Popen(
+        argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a terminal's foreground job: the default
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while sum((d / "metrics.jsonl").is_file() for d in tmp_path.glob("runs/*")) < 2:  # both runs training
@@ -260,7 +264,8 @@ def test_ctrl_c_ends_the_experiment_and_every_run_it_started(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "megatron-adamc experiment: interrupted"
+    assert proc.returncode == 130, f"SIGINT in the test process: {inherited}\n{err[-3000:]}"
+    assert err.strip().splitlines()[-1] == "megatron-adamc experiment: interrupted"
     deadline = time.monotonic() + 10
     while _group_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
