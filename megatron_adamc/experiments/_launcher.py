@@ -5,7 +5,9 @@ A micro run trains in ~8 s but a fresh interpreter spends ~10 s importing torch,
 so a sweep of hundreds of runs is mostly imports. multiprocessing's fork server imports them once
 (``_fork_preload``) and forks each run from that state: still one process per run, with nothing initialized before
 the fork (no process group, no RNG draw, no CUDA, no threads), the same environment and argv, so a forked run gives
-bitwise the same metrics as its ``command.txt`` run by hand (tests/test_experiments_llm.py).
+bitwise the same metrics as its ``command.txt`` run by hand (tests/test_experiments_llm.py). As with any
+multiprocessing start method but fork, a script that calls an experiment's ``run`` itself needs the
+``if __name__ == "__main__":`` guard (each fork imports the main module); the CLI has it.
 """
 
 from __future__ import annotations
