@@ -8,6 +8,10 @@ run directory another trainer holds.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+
 
 class MegatronAdamCError(Exception):
     """Base class. The message is one line: what is wrong, the field or file it concerns, and the fix."""
@@ -49,3 +53,19 @@ class RunLockedError(MegatronAdamCError):
     """Another live trainer holds the run directory."""
 
     exit_code = 5
+
+
+def report_errors(command: str, work: Callable[[], int]) -> int:
+    """Run ``work``: its exit code, or a ``MegatronAdamCError`` as one line on stderr (rank 0 only: under torchrun
+    every rank raises the same error) and its code, or Ctrl-C as "interrupted" and 130. How every command ends."""
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        return int(work() or 0)
+    except MegatronAdamCError as err:
+        if main_rank:
+            print(f"megatron-adamc {command}: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"megatron-adamc {command}: interrupted", file=sys.stderr, flush=True)
+        return 130

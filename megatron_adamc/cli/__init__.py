@@ -24,26 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_adamc.errors import MegatronAdamCError
+    from megatron_adamc.errors import report_errors
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MegatronAdamCError as err:
-        if _is_main_rank():  # under torchrun every rank raises the same error: one line is enough
-            print(f"megatron-adamc {args.command}: error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    except KeyboardInterrupt:
-        if _is_main_rank():
-            print(f"megatron-adamc {args.command}: interrupted", file=sys.stderr, flush=True)
-        return 130
-
-
-def _is_main_rank() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
+    return report_errors(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

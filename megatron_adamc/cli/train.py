@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 
@@ -16,10 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_adamc.train.config import load_config
-    from megatron_adamc.train.trainer import Trainer
+    from megatron_adamc.train.trainer import train_from_config
 
-    config = load_config(args.config, args.overrides)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    Trainer.build(config, args.output_dir).train()
-    return 0
+    return train_from_config(args.config, args.output_dir, args.overrides)

@@ -1,5 +1,5 @@
 """What the experiments' fork server imports once, so that every trainer run forked from it starts at its first
-line of work: the CLI, the trainer, DeepSpeed and megatron-core's dataset code (~10 s of a fresh interpreter).
+line of work: the trainer, DeepSpeed and megatron-core's dataset code (~10 s of a fresh interpreter).
 
 Importing initializes nothing a run owns (no process group, RNG draw, CUDA context or thread). The import-time
 notices (DeepSpeed's accelerator line, megatron-core's Transformer Engine/Apex warnings) are silenced at the file
@@ -28,9 +28,8 @@ def _preload() -> None:
             import megatron.core.datasets.blended_megatron_dataset_builder  # noqa: F401
             import megatron.core.datasets.gpt_dataset  # noqa: F401
 
-            import megatron_adamc.cli  # noqa: F401
-            import megatron_adamc.cli.train  # noqa: F401
             import megatron_adamc.train.build  # noqa: F401
+            import megatron_adamc.train.config  # noqa: F401
             import megatron_adamc.train.trainer  # noqa: F401
     finally:
         sys.stdout.flush()

@@ -1,5 +1,6 @@
 """Start one trainer run as its own process: forked from a server that has imported the trainer once, or as a fresh
-``python -m megatron_adamc.cli train``.
+``python -m megatron_adamc.cli train``. The fork runs the same function that command runs (``train_from_config``,
+ending through ``report_errors``), so this module imports nothing above the trainer.
 
 A micro run trains in ~8 s but a fresh interpreter spends ~10 s importing torch, DeepSpeed and megatron-core first,
 so a sweep of hundreds of runs is mostly imports. multiprocessing's fork server imports them once
@@ -35,16 +36,24 @@ def fork_server_available() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def start(argv: list[str], env: dict[str, str], log: Path, fork_server: bool) -> TrainerProcess:
-    """Run ``megatron-adamc <argv>`` with ``env`` as its whole environment, stdout and stderr appended to ``log``."""
+def train_command(config: Path, output_dir: Path | str, sets: list[str]) -> list[str]:
+    """``python -m megatron_adamc.cli train ...`` for one run: what a fresh process runs, and its command.txt."""
+    argv = ["python", "-m", "megatron_adamc.cli", "train", "--config", str(config), "--output-dir", str(output_dir)]
+    return argv + [a for s in sets for a in ("--set", s)]
+
+
+def start(
+    config: Path, output_dir: Path, sets: list[str], env: dict[str, str], log: Path, fork_server: bool
+) -> TrainerProcess:
+    """Run ``train_command(config, output_dir, sets)`` with ``env`` as its whole environment, stdout and stderr
+    appended to ``log``."""
     if not fork_server or not fork_server_available():
         with log.open("a") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "megatron_adamc.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
+            command = [sys.executable, *train_command(config, output_dir, sets)[1:]]
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     ctx = multiprocessing.get_context("forkserver")
     _ensure_server(env)
-    proc = ctx.Process(target=_child, args=(argv, env, str(log)), name="megatron-adamc train")
+    proc = ctx.Process(target=_child, args=(config, output_dir, sets, env, str(log)), name="megatron-adamc train")
     proc.start()
     return _Forked(proc)
 
@@ -66,8 +75,9 @@ def _ensure_server(env: dict[str, str]) -> None:
                 os.environ[key] = value
 
 
-def _child(argv: list[str], env: dict[str, str], log: str) -> None:
-    """In the forked process: the run's environment and output, then the CLI exactly as ``python -m`` runs it."""
+def _child(config: Path, output_dir: Path, sets: list[str], env: dict[str, str], log: str) -> None:
+    """In the forked process: the run's environment and output, then what ``megatron-adamc train`` runs, ending the
+    way every command ends (``report_errors``: one line and its exit code)."""
     os.environ.clear()
     os.environ.update(env)
     # multiprocessing made "forkserver" this process's default start method; a fresh interpreter has the platform's
@@ -77,10 +87,11 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    from megatron_adamc.cli import main
+    from megatron_adamc.errors import report_errors
+    from megatron_adamc.train.trainer import train_from_config
 
-    sys.argv = [sys.argv[0], *argv]
-    sys.exit(main(argv))
+    sys.argv = [sys.argv[0], *train_command(config, output_dir, sets)[3:]]
+    sys.exit(report_errors("train", lambda: train_from_config(config, output_dir, sets)))
 
 
 class _Forked:

@@ -13,7 +13,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from megatron_adamc.errors import DivergenceError, UserError
 from megatron_adamc.experiments import _launcher as launcher
 from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.resources import configs_dir, find_file
+from megatron_adamc.train.distributed import free_port
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
 MODELS: dict[str, dict[str, Any]] = {
@@ -108,15 +108,6 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def default_workers() -> int:
-    """One run per GPU when there are GPUs, else one per CPU core (each run is single-threaded)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count():
-        return torch.cuda.device_count()
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class RunsStopped(RuntimeError):
     """A run was not started because another one failed or the experiment was interrupted."""
 
@@ -137,14 +128,13 @@ class RunQueue:
         self.trained_s = 0.0
         self.print_every_s = print_every_s
         self.count = 0
-        self.workers = cfg.workers or default_workers()
+        self._free_gpus = _visible_gpus()  # one per run, handed out and back
+        self.workers = cfg.workers or len(self._free_gpus) or len(os.sched_getaffinity(0))  # a run is one thread
         self.fork_server = cfg.fork_server
         self._lock = threading.Lock()
         self._stop = threading.Event()  # a task failed: start no new run
         self._abort = threading.Event()  # interrupted: kill the running ones
         self._ports: set[int] = set()
-        self._gpus = _visible_gpus()
-        self._free_gpus = list(self._gpus)
 
     def say(self, line: str) -> None:
         with self._lock:
@@ -154,9 +144,7 @@ class RunQueue:
         """The part of every run's command that is the same for all runs (``<name>`` stands for the run's name);
         with a run's own ``--set`` list (``run_sets``) it is that run's ``command.txt``. Large sweeps store this
         once instead of a full command per run."""
-        cmd = ["python", "-m", "megatron_adamc.cli", "train", "--config", str(self.base)]
-        cmd += ["--output-dir", str(self.runs_dir / "<name>")] + [a for s in self.common for a in ("--set", s)]
-        return shlex.join(cmd)
+        return shlex.join(launcher.train_command(self.base, self.runs_dir / "<name>", self.common))
 
     def run_sets(self, name: str) -> list[str]:
         """The run's own ``--set`` items (after the shared ones), from its saved overrides."""
@@ -211,12 +199,10 @@ class RunQueue:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a different or unfinished run: the trainer would resume it, so start clean
         run_dir.mkdir(parents=True)
-        argv = ["train", "--config", str(self.base), "--output-dir", str(run_dir)]
-        argv += [a for s in sets for a in ("--set", s)]
-        (run_dir / "command.txt").write_text("python " + shlex.join(["-m", "megatron_adamc.cli", *argv]) + "\n")
+        (run_dir / "command.txt").write_text(shlex.join(launcher.train_command(self.base, run_dir, sets)) + "\n")
         self.say(f"{tag}: training {steps} steps -> {run_dir}")
         start = time.monotonic()
-        returncode = self._train(argv, run_dir, tag, steps)
+        returncode = self._train(sets, run_dir, tag, steps)
         elapsed = time.monotonic() - start
         records = load_metrics(run_dir / "metrics.jsonl")
         log = run_dir / "train.log"
@@ -243,7 +229,7 @@ class RunQueue:
             return math.nan
         return steps_left * self.trained_s / self.trained_steps / self.workers
 
-    def _train(self, argv: list[str], run_dir: Path, tag: str, steps: int) -> int:
+    def _train(self, sets: list[str], run_dir: Path, tag: str, steps: int) -> int:
         """One trainer process with its own rendezvous port (and GPU), watched until it ends; its exit code."""
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with self._lock:
@@ -254,7 +240,7 @@ class RunQueue:
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         try:
-            proc = launcher.start(argv, env, run_dir / "train.log", self.fork_server)
+            proc = launcher.start(self.base, run_dir, sets, env, run_dir / "train.log", self.fork_server)
             start = last_print = time.monotonic()
             seen: dict[str, float] = {}
             try:
@@ -297,12 +283,9 @@ class RunQueue:
 
 def _free_port(taken: set[int]) -> int:
     """A free local TCP port that no run of this queue holds: concurrent runs each need their own rendezvous."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in taken:
-            return port
+    while (port := free_port()) in taken:
+        pass
+    return port
 
 
 def _visible_gpus() -> list[str]:

@@ -260,8 +260,10 @@ class _Runs:
     def batch(self, specs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """Train the runs ``specs`` (``train``'s arguments each), independent of one another, longest first."""
         order = sorted(range(len(specs)), key=lambda i: -specs[i][4])  # the longest first: the batch ends sooner
-        done = self.queue.parallel([functools.partial(self.train, *specs[i]) for i in order])
-        results = [done[order.index(i)] for i in range(len(specs))]
+        done = dict(
+            zip(order, self.queue.parallel([functools.partial(self.train, *specs[i]) for i in order]), strict=True)
+        )
+        results = [done[i] for i in range(len(specs))]
         self.summaries += results
         return results
 

@@ -377,6 +377,18 @@ class Trainer:
         append_run_info(self.run_dir, header, invocation)
 
 
+def train_from_config(config_path: str | Path, output_dir: str | Path, overrides: list[str]) -> int:
+    """What ``megatron-adamc train`` does: load and validate the config with its overrides, build, train."""
+    import logging
+
+    from megatron_adamc.train.config import load_config
+
+    config = load_config(str(config_path), overrides)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    Trainer.build(config, Path(output_dir)).train()
+    return 0
+
+
 def _printer(env: DistEnv):
     def log(message: str) -> None:
         if env.is_main:
