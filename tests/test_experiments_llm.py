@@ -6,7 +6,8 @@ from metrics.jsonl, the control's lambda really matches AdamC's integrated decay
 the optimizer type, a deliberately huge lr is flagged as diverged (the trainer's guard stops it with exit 3, a result
 that a rerun reuses; other exits still raise) and the ladder stops above it, the per-seed largest stable lr and
 Wortsman's sensitivity follow their definitions, runs forked two at a time give bitwise the metrics of their
-command.txt run by hand, a failed run stops the queue from starting more, and bad input is one line with exit code 2.
+command.txt run by hand, runs started and watched from several threads each get their own exit code, a failed run
+stops the queue from starting more, and bad input is one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from conftest import SMALL_CORPUS_DIR
 
 import megatron_adamc.cli as cli
 from megatron_adamc.core import theory
+from megatron_adamc.experiments import _launcher as launcher
 from megatron_adamc.experiments import adamc_vs_adamw, stability
 from megatron_adamc.experiments._trainer_runs import RunQueue, RunsStopped
 from megatron_adamc.metrics_file import DATA_WAIT_S, STEP_TIME_S, TOKENS_PER_S
@@ -228,6 +230,28 @@ def test_a_failed_run_stops_the_queue_starting_more(stab, capsys):
     assert finished.is_set() and not (out / "runs" / "never-started").exists()
     with pytest.raises(RunsStopped):
         queue.run("never-started", ["optimizer.lr=0.01"], 60, 1)
+
+
+def test_runs_started_and_watched_from_several_threads_get_their_own_exit_codes():
+    """The run queue's threads start and poll forked runs at once. multiprocessing alone mixes them up (a start in
+    one thread polls every child, and may read another thread's exit code first: that one then reads 255, about 3
+    in 400 such exits here); the launcher must hand each run its own code."""
+    codes: dict[int, list[int | None]] = {code: [] for code in (5, 6, 7, 8)}
+
+    def starts(code: int) -> None:
+        for _ in range(60):
+            proc = launcher.fork(os._exit, (code,), dict(os.environ))
+            while proc.poll() is None:
+                time.sleep(0.001)
+            codes[code].append(proc.poll())
+            codes[code].append(launcher.fork(os._exit, (code,), dict(os.environ)).wait())
+
+    threads = [threading.Thread(target=starts, args=(code,)) for code in codes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {code: got for code, got in codes.items() if got != [code] * 120} == {}
 
 
 def _group_members(pgid: int) -> list[int]:

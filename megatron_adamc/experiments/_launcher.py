@@ -17,11 +17,19 @@ import multiprocessing
 import os
 import subprocess
 import sys
-from multiprocessing import forkserver
+import threading
+from collections.abc import Callable
+from multiprocessing import connection, forkserver
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 PRELOAD = "megatron_adamc.experiments._fork_preload"
+
+# multiprocessing's Process.poll is not thread-safe, and every Process.start polls all the process's children: a
+# thread starting a run while another's run ends could read that run's exit code from the fork server's pipe first,
+# leaving the owner an empty pipe, which multiprocessing reports as exit code 255 (a finished run counted failed).
+# The run queue starts and watches runs from several threads, so every start and exit-code read takes this lock.
+_MULTIPROCESSING_LOCK = threading.Lock()
 
 
 class TrainerProcess(Protocol):
@@ -51,10 +59,15 @@ def start(
         with log.open("a") as out:
             command = [sys.executable, *train_command(config, output_dir, sets)[1:]]
             return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    ctx = multiprocessing.get_context("forkserver")
-    _ensure_server(env)
-    proc = ctx.Process(target=_child, args=(config, output_dir, sets, env, str(log)), name="megatron-adamc train")
-    proc.start()
+    return fork(_child, (config, output_dir, sets, env, str(log)), env)
+
+
+def fork(target: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str]) -> TrainerProcess:
+    """``target(*args)`` in a process forked from the fork server; safe to call from several threads."""
+    proc = multiprocessing.get_context("forkserver").Process(target=target, args=args, name="megatron-adamc train")
+    with _MULTIPROCESSING_LOCK:  # also keeps the environment _ensure_server sets and restores one thread's
+        _ensure_server(env)
+        proc.start()
     return _Forked(proc)
 
 
@@ -99,11 +112,13 @@ class _Forked:
         self.proc = proc
 
     def poll(self) -> int | None:
-        return self.proc.exitcode
+        with _MULTIPROCESSING_LOCK:
+            return self.proc.exitcode
 
     def kill(self) -> None:
         self.proc.kill()
 
     def wait(self) -> int:
-        self.proc.join()
-        return self.proc.exitcode
+        connection.wait([self.proc.sentinel])
+        with _MULTIPROCESSING_LOCK:
+            return self.proc.exitcode
