@@ -98,6 +98,28 @@ def test_without_distributed_the_local_flag_decides() -> None:
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
 
 
+def test_when_training_ends_the_callers_handlers_come_back() -> None:
+    """In one process (a notebook, a script training twice): after training, Ctrl-C is the caller's again; after a
+    scheduler's stop, that scheduler's signals stay ignored while the process exits."""
+    sigs = (signal.SIGINT, signal.SIGUSR2)
+    mine = lambda *_: None  # noqa: E731
+    before = {sig: signal.signal(sig, mine) for sig in sigs}
+    try:
+        finished = PreemptionHandler(signals=sigs).install()
+        assert signal.getsignal(signal.SIGINT) == finished._on_signal
+        finished.restore()  # no signal: everything back
+        assert {sig: signal.getsignal(sig) for sig in sigs} == {signal.SIGINT: mine, signal.SIGUSR2: mine}
+
+        stopped = PreemptionHandler(signals=sigs).install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stopped.should_stop()
+        stopped.restore()
+        assert {sig: signal.getsignal(sig) for sig in sigs} == {signal.SIGINT: mine, signal.SIGUSR2: signal.SIG_IGN}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_requeue_outside_slurm_does_nothing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert PreemptionHandler().requeue() is False

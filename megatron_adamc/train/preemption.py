@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 REQUEUE_FILE_ENV = "MEGATRON_ADAMC_REQUEUE_FILE"
 
@@ -38,13 +39,28 @@ class PreemptionHandler:
         self.signals = tuple(signals)
         self.received: signal.Signals | None = None
         self._stopping = False
+        self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> PreemptionHandler:
         """Install the handlers (main thread only, as Python requires); returns self for chaining."""
+        self._previous = {sig: signal.getsignal(sig) for sig in self.signals}
         for sig in self.signals:
             signal.signal(sig, self._on_signal)
         atexit.register(self._ignore_signals)
         return self
+
+    def restore(self) -> None:
+        """Training is over: give the signals back to the handlers they had before ``install``, so that a caller in
+        the same process (a notebook, a script training twice) gets its Ctrl-C back instead of a flag nobody reads.
+        After a stop the scheduler's signals stay ignored: more copies may arrive while the process exits."""
+        try:
+            for sig, previous in self._previous.items():
+                if self._stopping and sig != signal.SIGINT:
+                    signal.signal(sig, signal.SIG_IGN)
+                else:
+                    signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        except ValueError:  # not the main thread: install() could not have run here either
+            pass
 
     def _ignore_signals(self, keep_interrupt: bool = False) -> None:
         # Once the stop is decided, and at exit, later copies of the signal must not kill the process: Slurm

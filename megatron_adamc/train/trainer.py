@@ -248,6 +248,7 @@ class Trainer:
                     result["preempted" if stop else "paused"] = True
                     break
         finally:
+            preemption.restore()
             self.batches.close()
             logger.close()
             if self.tracker is not None:
