@@ -116,7 +116,8 @@ class _Forked:
             return self.proc.exitcode
 
     def kill(self) -> None:
-        self.proc.kill()
+        with _MULTIPROCESSING_LOCK:  # kill() may poll too
+            self.proc.kill()
 
     def wait(self) -> int:
         connection.wait([self.proc.sentinel])
