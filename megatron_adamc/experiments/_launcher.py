@@ -120,6 +120,5 @@ class _Forked:
             self.proc.kill()
 
     def wait(self) -> int:
-        connection.wait([self.proc.sentinel])
-        with _MULTIPROCESSING_LOCK:
-            return self.proc.exitcode
+        connection.wait([self.proc.sentinel])  # blocks outside the lock; the read below takes it
+        return self.poll()

@@ -355,12 +355,11 @@ def run(cfg: Config, output_dir: Path) -> dict:
 
     per_ladder = queue.parallel([functools.partial(ladder, *key) for key in ladders])
     runs = [r for ladder_runs in per_ladder for r in ladder_runs]
-    threshold_value = threshold[0]
     summary = summarize(cfg, runs)
     results = {
         **headline(summary),
         **summary,
-        "divergence_loss": threshold_value,
+        "divergence_loss": divergence_loss(),
         "divergence_rule": "non-finite loss or updates (the trainer's guard stops the run: exit 3), or the "
         f"{SPIKE_WINDOW}-step mean of the loss after warmup above the first step's loss, or the final train loss (mean "
         "of the last 10% of steps) above divergence_loss (default: the unigram entropy of the training tokens)",

@@ -55,9 +55,7 @@ class PreemptionHandler:
         After a stop the scheduler's signals stay ignored: more copies may arrive while the process exits."""
         try:
             for sig, previous in self._previous.items():
-                if self._stopping and sig != signal.SIGINT:
-                    signal.signal(sig, signal.SIG_IGN)
-                else:
+                if sig == signal.SIGINT or not self._stopping:  # the others: should_stop() left them ignored
                     signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         except ValueError:  # not the main thread: install() could not have run here either
             pass
