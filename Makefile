@@ -2,6 +2,8 @@
 # Both set up .venv first (launch/setup.sh is idempotent).
 SHELL := /bin/bash
 VENV := .venv/bin
+# The venv's tools first (its ninja builds DeepSpeed's ops; another ninja on PATH would rebuild them: jit_locks.py).
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 RUN_DIR ?= runs/llama_tiny
 
 .PHONY: setup train test lint bench gpu-wheels
@@ -13,7 +15,7 @@ train: setup
 
 test: setup
 	$(VENV)/ruff check . && $(VENV)/ruff format --check .
-	$(VENV)/python -m pytest -q
+	$(VENV)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(VENV)/python benchmarks/optimizer_step.py

@@ -23,6 +23,8 @@ fi
 # The editable install goes through build_backend/ (pyproject.toml), which adds the start-up hook
 # (megatron_adamc_autoload.pth/.start) to site-packages: "type": "AdamC" then works without register().
 "${PIP[@]}" --no-build-isolation -e ".[dev,test]"
+# The venv's ninja builds the ops, as it does in every later process (megatron_adamc/train/jit_locks.py).
+export PATH="$PWD/.venv/bin:$PATH"
 # Build the ops DeepSpeed JIT-compiles on first use (about 100 s each on 2 cores), once, in one process.
 .venv/bin/python - <<'PY'
 import time
