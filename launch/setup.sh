@@ -22,7 +22,12 @@ fi
 "${PIP[@]}" --no-build-isolation deepspeed
 # The editable install goes through build_backend/ (pyproject.toml), which adds the start-up hook
 # (megatron_adamc_autoload.pth/.start) to site-packages: "type": "AdamC" then works without register().
-"${PIP[@]}" --no-build-isolation -e ".[dev,test]"
+"${PIP[@]}" --no-build-isolation -e ".[dev,test,train]"
+# Megatron-Bridge for tests/test_megatron_bridge.py: the newest release for Python 3.11 / megatron-core 0.16, without its
+# GPU stack (Transformer Engine, mamba-ssm, ...: the test stands in for TE and triton only), plus what its config
+# module imports at the top.
+"${PIP[@]}" --no-deps megatron-bridge==0.3.1
+"${PIP[@]}" omegaconf==2.4.0 six==1.17.0 datasets==5.2.0
 # Build the ops DeepSpeed JIT-compiles on first use (about 100 s each on 2 cores), once, in one process.
 .venv/bin/python - <<'PY'
 import time

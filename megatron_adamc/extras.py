@@ -1,4 +1,5 @@
-"""The optional halves of the install: ``megatron-adamc[deepspeed]`` and ``megatron-adamc[megatron]``.
+"""The optional halves of the install: ``megatron-adamc[deepspeed]``, ``[megatron]``, and ``[train]`` (both: the
+project's Llama trainer steps with DeepSpeed and reads megatron-core's indexed datasets).
 
 Neither DeepSpeed nor megatron-core is a hard dependency (a Megatron cluster must not pull DeepSpeed, nor a DeepSpeed
 one megatron-core). The module that needs one calls ``require`` first, so a missing half is one line naming the extra
@@ -11,7 +12,7 @@ import importlib.util
 
 from megatron_adamc.errors import UserError
 
-EXTRAS = {"deepspeed": "deepspeed", "megatron": "megatron-core"}
+EXTRAS = {"deepspeed": "deepspeed", "megatron": "megatron-core", "train": "deepspeed and megatron-core"}
 
 
 class MissingExtraError(UserError, ImportError):
