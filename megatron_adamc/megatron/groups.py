@@ -84,9 +84,52 @@ def exclusion_overrides(patterns: Sequence[str]) -> tuple[dict, ExclusionMatcher
         return {}, None
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
+    install_positional_group_matching()
     matcher = ExclusionMatcher(patterns)
     predicate = ParamWithNamePredicate(name=f"adamc_exclude:{','.join(patterns)}", fn=matcher)
     return {ParamKey(with_name_predicate=predicate): {ENABLED_KEY: False}}, matcher
+
+
+def install_positional_group_matching() -> None:
+    """Make Megatron's checkpoint load pair look-alike param groups by position (idempotent).
+
+    ``MegatronOptimizer._filter_and_reorder_param_groups`` (the FP32 and float16 optimizers' load, 0.16 to main)
+    matches saved groups to the current ones by ``param_group_identifier_keys`` only (0.16: wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr); an excluded group looks like the corrected one beside it, so both map to
+    ONE saved dict, which it appends twice after giving it the second one's params: torch's load then fails on the
+    first group's size. Here each current group takes the saved group at its own position when that one has the same
+    identifier (construction order is the same in a resumed run), else the first unused look-alike, as a copy; any
+    other mismatch goes to Megatron's own function and its own error. (The distributed optimizer's load already
+    copies per group; the ``adamc`` flag it may take from a look-alike is stamped back by AdamC's scheduler.)"""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    cls = megatron_optimizer.MegatronOptimizer
+    original = cls._filter_and_reorder_param_groups
+    if getattr(original, "adamc_original", None) is not None:
+        return
+
+    def identifier(group: dict) -> tuple:
+        keys = megatron_optimizer.param_group_identifier_keys
+        return tuple(group.get(key, group.get(f"pre_{key}")) for key in keys)
+
+    def filter_and_reorder(current_groups: list[dict], state_dict_groups: list[dict]) -> list[dict]:
+        wanted = [identifier(group) for group in current_groups]
+        saved = [identifier(group) for group in state_dict_groups]
+        if len(wanted) != len(saved) or sorted(map(repr, wanted)) != sorted(map(repr, saved)):
+            return original(current_groups, state_dict_groups)
+        used: set[int] = set()
+        out = []
+        for index, key in enumerate(wanted):
+            if saved[index] == key and index not in used:
+                match = index
+            else:
+                match = next(j for j, other in enumerate(saved) if other == key and j not in used)
+            used.add(match)
+            out.append({**state_dict_groups[match], "params": state_dict_groups[index]["params"]})
+        return out
+
+    filter_and_reorder.adamc_original = original  # type: ignore[attr-defined]
+    cls._filter_and_reorder_param_groups = staticmethod(filter_and_reorder)
 
 
 def merge_overrides(base: dict | None, extra: dict) -> dict | None:
