@@ -12,7 +12,8 @@ import importlib.util
 
 from megatron_adamc.errors import UserError
 
-EXTRAS = {"deepspeed": "deepspeed", "megatron": "megatron-core", "train": "deepspeed and megatron-core"}
+EXTRAS = ("deepspeed", "megatron", "train")
+PACKAGES = {"deepspeed": "deepspeed", "megatron.core": "megatron-core"}  # module -> the distribution providing it
 
 
 class MissingExtraError(UserError, ImportError):
@@ -30,5 +31,6 @@ def require(module: str, extra: str, purpose: str) -> None:
     """Raise ``MissingExtraError`` unless ``module`` can be imported."""
     if not installed(module):
         raise MissingExtraError(
-            f"{purpose} needs {EXTRAS[extra]}, which is not installed: pip install 'megatron-adamc[{extra}]'"
+            f"{purpose} needs {PACKAGES.get(module, module)}, which is not installed: "
+            f"pip install 'megatron-adamc[{extra}]'"
         )
