@@ -27,7 +27,7 @@ fi
 # GPU stack (Transformer Engine, mamba-ssm, ...: the test stands in for TE and triton only), plus what its config
 # module imports at the top.
 "${PIP[@]}" --no-deps megatron-bridge==0.3.1
-"${PIP[@]}" omegaconf==2.4.0 six==1.17.0 datasets==5.2.0
+"${PIP[@]}" hydra-core==1.3.2 omegaconf==2.3.1 six==1.17.0 datasets==5.2.0
 # Build the ops DeepSpeed JIT-compiles on first use (about 100 s each on 2 cores), once, in one process.
 .venv/bin/python - <<'PY'
 import time
