@@ -33,3 +33,10 @@ def test_the_trainer_moves_excluded_decayed_params_to_a_plain_group() -> None:
     assert split_adamc_excluded(model, groups, []) is groups
     with pytest.raises(AdamCError, match="matched no parameter"):
         split_adamc_excluded(model, groups, ["output_layer"])
+
+
+def test_both_sides_read_the_same_group_key() -> None:
+    from megatron_adamc.core.adamc import ENABLED_KEY
+    from megatron_adamc.megatron import groups
+
+    assert groups.ENABLED_KEY == ENABLED_KEY  # groups.py keeps its own copy so that parsing needs no torch

@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_adamc.core.theory import (
     adam_normalized_update_ratio,
     kosson_normalized_update_ratio,
     sgd_grad_weight_ratio,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # DeepSpeed's clipping adds this to the norm before dividing (runtime/utils.py and both ZeRO optimizers).
 CLIP_EPS = 1e-6
@@ -92,22 +94,27 @@ def log_change(current: float, previous: float) -> float:
     return abs(math.log(current / previous))
 
 
-@torch.no_grad()
 def slice_sums(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """[n, 3] float64: ||w||^2, ||g||^2 and <w, g> of each (weight, gradient) slice pair, in a few fused kernels.
 
     Two ``_foreach_norm`` calls (one multi-tensor kernel each on a GPU) and a dot per slice (no product copy of the
-    partition); the result stays on the slices' device (no host sync)."""
-    w = torch.stack(torch._foreach_norm(weights)).double()
-    g = torch.stack(torch._foreach_norm(grads)).double()
-    dots = torch.stack([torch.dot(a, b) for a, b in zip(weights, grads, strict=True)]).double()
-    return torch.stack([w.square(), g.square(), dots], 1)
+    partition); the result stays on the slices' device (no host sync). torch is imported here, not at the top: the
+    string helpers below serve code that runs before torch is needed (Megatron's argument parsing)."""
+    import torch
+
+    with torch.no_grad():
+        w = torch.stack(torch._foreach_norm(weights)).double()
+        g = torch.stack(torch._foreach_norm(grads)).double()
+        dots = torch.stack([torch.dot(a, b) for a, b in zip(weights, grads, strict=True)]).double()
+        return torch.stack([w.square(), g.square(), dots], 1)
 
 
-@torch.no_grad()
 def update_sums(diffs: Sequence[torch.Tensor]) -> torch.Tensor:
     """[n] float64: ||dx||^2 of each update slice."""
-    return torch.stack(torch._foreach_norm(diffs)).double().square()
+    import torch
+
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(diffs)).double().square()
 
 
 def parameter_metrics(name: str, w2: float, g2: float, wg: float, u2: float) -> dict[str, float]:

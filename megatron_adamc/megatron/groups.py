@@ -19,11 +19,13 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from megatron_adamc.core.adamc import ENABLED_KEY
 from megatron_adamc.core.decay import AdamCError
 from megatron_adamc.core.norms import strip_wrappers
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("output_layer",)
+# core.adamc.ENABLED_KEY, the DeepSpeed side's per-group opt-out (not imported: that module imports torch, and the
+# flags are parsed, by `slurm submit` too, before anything needs torch; tests check the two agree).
+ENABLED_KEY = "adamc"
 # What a tied output layer is called in an exclusion: it IS the embedding's weight (one tensor, two stages).
 TIED_EMBEDDING_NAME = "embedding.word_embeddings.weight"
 _GLOB = set("*?[")

@@ -83,6 +83,7 @@ def with_adamc_args(add_megatron_arguments: Callable) -> Callable:
     return _wrap(add_megatron_arguments, make)
 
 
+@functools.cache
 def scheduler_classes() -> tuple[type, type]:
     """(AdamC, plain) scheduler classes for Megatron-LM; imported late, once Megatron-LM is importable."""
     from megatron.training.global_vars import get_args, get_tensorboard_writer, get_wandb_writer
@@ -119,13 +120,14 @@ def adamc_scheduler_builder(training: ModuleType) -> Callable[[Any], Any]:
             f"{training.__file__} does not build OptimizerParamScheduler by that name; "
             "use a Megatron-LM release checked with this plugin (core_v0.16.1 to main of 2026-12)"
         )
-    adamc_cls, plain_cls = scheduler_classes()
-    from megatron.training.global_vars import get_args
-
-    from megatron_adamc.megatron.groups import check_matched
 
     def make(original: Callable) -> Callable:
         def get_optimizer_param_scheduler(optimizer: Any) -> Any:
+            from megatron.training.global_vars import get_args
+
+            from megatron_adamc.megatron.groups import check_matched
+
+            adamc_cls, plain_cls = scheduler_classes()  # imported here: parsing alone must not pull in megatron.core
             adamc = getattr(get_args(), "adamc", False)
             stock = training.OptimizerParamScheduler
             training.OptimizerParamScheduler = adamc_cls if adamc else plain_cls

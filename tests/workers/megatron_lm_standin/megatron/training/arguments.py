@@ -15,9 +15,14 @@ def add_megatron_arguments(parser):
         ("--decoupled-min-lr", float, None),
         ("--train-iters", int, None),
         ("--global-batch-size", int, 1),
+        ("--data-path", str, None),
+        ("--save", str, None),
+        ("--load", str, None),
+        ("--tensorboard-dir", str, None),
     ):
         parser.add_argument(flag, type=kind, default=default)
     parser.add_argument("--optimizer-cuda-graph", action="store_true")  # megatron-core 0.18+
+    parser.add_argument("--exit-signal-handler", action="store_true")
     return parser
 
 

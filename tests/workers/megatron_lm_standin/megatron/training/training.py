@@ -1,19 +1,19 @@
 from .global_vars import get_args
 
+# megatron.core's class, imported on first use (the -S / switched-off runs never need torch); the plugin swaps it.
+OptimizerParamScheduler = None
 
-def __getattr__(name):
-    if name == "OptimizerParamScheduler":  # imported on first use (the -S / switched-off runs never need torch)
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        globals()[name] = OptimizerParamScheduler
-        return OptimizerParamScheduler
-    raise AttributeError(name)
+def _stock():
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler as stock
+
+    return stock
 
 
 def get_optimizer_param_scheduler(optimizer):
     args = get_args()
     steps = args.train_iters * args.global_batch_size
-    scheduler_class = globals().get("OptimizerParamScheduler") or __getattr__("OptimizerParamScheduler")
+    scheduler_class = OptimizerParamScheduler or _stock()
     return scheduler_class(
         optimizer,
         init_lr=args.lr_warmup_init,
