@@ -113,9 +113,17 @@ def meta(groups: list[dict]) -> list[dict]:
     ]
 
 
-def resume(model: torch.nn.Module, override: bool, exclude: list[str]) -> dict:
-    """Train 12 iterations at --lr LR, save, rebuild at --lr 2*LR and load as Megatron does; 8 more iterations.
-    No --decoupled-lr here: on 0.16.1 its groups collide on load (Megatron's own bug, fixed in 0.19)."""
+def resume(model: torch.nn.Module, override: bool, exclude: list[str], scale: float = 2.0) -> dict:
+    """Train 12 iterations at --lr LR, save, rebuild at --lr scale*LR and load as Megatron does; 8 more iterations.
+    No --decoupled-lr here: on 0.16.1 its groups collide on load (Megatron's own bug, fixed in 0.19). A load that
+    Megatron refuses (0.19+: a changed --lr no longer matches a saved group) is recorded as its error."""
+    try:
+        return _resume(model, override, exclude, scale)
+    except (ValueError, KeyError) as err:
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+
+
+def _resume(model: torch.nn.Module, override: bool, exclude: list[str], scale: float) -> dict:
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
     from megatron_adamc.megatron.scheduler import AdamCParamScheduler
@@ -124,11 +132,11 @@ def resume(model: torch.nn.Module, override: bool, exclude: list[str]) -> dict:
     first = AdamCParamScheduler(adamw(groups), **scheduler_args("cosine"))
     trace(first, 12)
     saved_optimizer, saved_scheduler = copy.deepcopy(first.optimizer.state_dict()), first.state_dict()
-    new_groups, _ = megatron_groups(model, exclude, scale=2.0, decoupled=False)
+    new_groups, _ = megatron_groups(model, exclude, scale=scale, decoupled=False)
     optimizer = adamw(new_groups)
     built = [group.get("adamc", True) for group in new_groups]
     flags = dict(override_opt_param_scheduler=override, use_checkpoint_opt_param_scheduler=not override)
-    scheduler = AdamCParamScheduler(optimizer, **scheduler_args("cosine", max_lr=2 * LR), **flags)
+    scheduler = AdamCParamScheduler(optimizer, **scheduler_args("cosine", max_lr=scale * LR), **flags)
     megatron_match = getattr(MegatronOptimizer._filter_and_reorder_param_groups, "adamc_original", None)
     aliased = None
     if megatron_match is not None:  # Megatron's own matching, on copies: look-alike groups become one dict
@@ -187,7 +195,11 @@ def run(rank: int, world: int, out_dir: str) -> None:
         "override": resume(model, True, []),
         "checkpoint": resume(model, False, []),
         "override_excluded": resume(model, True, ["output_layer"]),
+        "same_lr_excluded": resume(model, False, ["output_layer"], scale=1.0),
     }
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    identifier_keys = list(megatron_optimizer.param_group_identifier_keys)
     parallel_state.destroy_model_parallel()
 
     # Phase 2: two pipeline stages; only the last holds the output layer.
@@ -205,6 +217,7 @@ def run(rank: int, world: int, out_dir: str) -> None:
             "typo_error": typo_error,
             "resumed": resumed,
             "pipeline": pipeline,
+            "identifier_keys": identifier_keys,
         },
         f"{out_dir}/rank{rank}.pt",
     )

@@ -17,6 +17,7 @@ and a reference AdamW step on them; all of that is gathered to rank 0, which wri
 
 from __future__ import annotations
 
+import inspect
 import json
 import zlib
 from types import SimpleNamespace
@@ -72,15 +73,19 @@ def distributed_optimizer_layout(model: torch.nn.Module) -> tuple[SimpleNamespac
     params = [p for p in model.parameters() if p.requires_grad]
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     groups = SimpleNamespace(tp=parallel_state.get_tensor_model_parallel_group(), dp_cp=dp_group)
+    names = {p: n for n, p in model.named_parameters()}
+    # 0.16 takes the params, 0.19 and main (params, name) pairs; the rest of the signature is the same.
+    takes_names = "params_with_names" in inspect.signature(_ParamAndGradBuffer.__init__).parameters
+    param_list = [(p, names[p]) for p in params] if takes_names else params
     with mock.patch.object(torch.cuda, "current_device", lambda: "cpu"):  # the buffers' allocation device only
         buffer = _ParamAndGradBuffer(
             DistributedDataParallelConfig(use_distributed_optimizer=True),
             torch.bfloat16,
             torch.float32,
-            params,
+            param_list,
             dp_group,
             3000,  # bucket size in elements: several buckets per stage
-            {p: n for n, p in model.named_parameters()},
+            names,
             1.0,
             list(range(len(params))),
             False,
