@@ -10,7 +10,6 @@ the arguments it parsed and stops at the same assertion. The jobs run on the loc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_slurm import cluster  # noqa: F401 - the local two-node Slurm cluster (started by this module for itself)
 
 from megatron_adamc.megatron.megatron_lm import MEGATRON_LM_PATH_ENV, is_checkout
 
@@ -28,10 +28,6 @@ REAL = os.environ.get(MEGATRON_LM_PATH_ENV, "")
 MEGATRON_LM = Path(REAL) if REAL and is_checkout(Path(REAL)) else STANDIN
 CLI = "import sys; from megatron_adamc.cli import main; sys.exit(main(sys.argv[1:]))"
 ARGS = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine"]
-
-_spec = importlib.util.spec_from_file_location("local_cluster", REPO / "tests" / "slurm" / "local_cluster.py")
-local_cluster = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(local_cluster)
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -105,29 +101,18 @@ def test_a_missing_argument_file_is_one_line(dry_run, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (apt-get, slurmd as root); CI (.ci/run) runs as root")
-    cluster = local_cluster.LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except local_cluster.ClusterUnavailable as err:
-        pytest.skip(f"no local Slurm cluster: {err}")
-    try:
-        tmp = tmp_path_factory.mktemp("megatron_jobs")
-        args_file = tmp / "model.args"
-        args_file.write_text("--weight-decay 0.1\n--data-path 'corpus with spaces'  # quoted, as @file reads it\n")
-        # The baseline: the old script appended --adamc to whatever was given; now the flag is the user's.
-        out = tmp / "run"
-        argv = ["--config", str(args_file), "--nodes", "2", "--nproc-per-node", "1", "--output-dir", str(out)]
-        proc = submit(*argv, "--", *ARGS, "--no-adamc", SLURM_CONF=str(cluster.conf))
-        assert proc.returncode == 0, proc.stderr
-        job = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
-        info = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 300)
-        results = (info, "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out"))))
-        return results
-    finally:
-        cluster.stop()
+def job(cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:  # noqa: F811
+    tmp = tmp_path_factory.mktemp("megatron_jobs")
+    args_file = tmp / "model.args"
+    args_file.write_text("--weight-decay 0.1\n--data-path 'corpus with spaces'  # quoted, as @file reads it\n")
+    # The baseline: the old script appended --adamc to whatever was given; now the flag is the user's.
+    out = tmp / "run"
+    argv = ["--config", str(args_file), "--nodes", "2", "--nproc-per-node", "1", "--output-dir", str(out)]
+    proc = submit(*argv, "--", *ARGS, "--no-adamc", SLURM_CONF=str(cluster.conf))
+    assert proc.returncode == 0, proc.stderr
+    job = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
+    info = cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 300)
+    return info, "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
 
 
 def reported(log: str) -> list[dict]:
