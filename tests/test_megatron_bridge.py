@@ -25,8 +25,11 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import megatron_gpu_standins  # noqa: F401 - Transformer Engine and triton only
+from megatron_gpu_standins import stand_in
+stand_in("transformer_engine")
 import torch
+import megatron.core.transformer.transformer_config  # noqa: F401 - torch probes triton here: the real answer
+stand_in("triton")  # for megatron-core's Mamba kernels that Bridge's model zoo imports
 import megatron.bridge.training.optim as optim  # the start-up hook wraps _get_scheduler here
 from megatron.bridge.models import GPTModelProvider
 from megatron.bridge.training import config as C
