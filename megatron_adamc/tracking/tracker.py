@@ -76,12 +76,14 @@ class Tracker:
         self._armed = False
 
     # ---------------------------------------------------------------- interface
-    def should_track(self, step: int) -> bool:
-        return self.config.enabled and (step % self.config.interval == 0 or self._force_next)
+    def should_track(self, step: int, last: bool = False) -> bool:
+        """Every ``tracking.interval`` steps, the run's last step (the end of a schedule is where AdamC and AdamW
+        part), and the step after a gradient-norm spike (to name the layers)."""
+        return self.config.enabled and (last or step % self.config.interval == 0 or self._force_next)
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, last: bool = False) -> None:
         """Before the first forward of optimizer step ``step``: arm the hooks if this step is tracked."""
-        if not self.should_track(step):
+        if not self.should_track(step, last):
             return
         self._stage0_norm = None
         self.master.weight_scales = [h.scale() for h in self.weight_amax]

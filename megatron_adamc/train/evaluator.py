@@ -1,4 +1,4 @@
-"""Validation loss: when to evaluate (``eval.interval`` and the last step) and the pass itself."""
+"""Validation loss (``eval.*``): when to evaluate (every ``eval.interval`` steps and at the last) and the pass."""
 
 from __future__ import annotations
 
@@ -8,25 +8,29 @@ from typing import Any
 import torch
 
 from megatron_adamc.data.sampler import batch_indices, collate
+from megatron_adamc.metrics_file import VAL_LOSS
+from megatron_adamc.train.component import Component, due
 from megatron_adamc.train.distributed import DistEnv, all_mean
 
 
-class Evaluator:
-    def __init__(self, config: Any, micro_batch_size: int, dataset: Any, env: DistEnv) -> None:
+class Evaluator(Component):
+    def __init__(self, config: Any, micro_batch_size: int, dataset: Any, env: DistEnv, engine: Any) -> None:
         self.config = config  # the eval section
         self.micro_batch_size = micro_batch_size
         self.dataset = dataset
         self.env = env
+        self.engine = engine
 
-    def should_evaluate(self, step: int, last_step: bool) -> bool:
-        return last_step or step % self.config.interval == 0
+    def end_step(self, step: int, last: bool, record: dict[str, Any]) -> None:
+        if due(step, self.config.interval, last):
+            record[VAL_LOSS] = self.evaluate()
 
     @torch.no_grad()
-    def evaluate(self, engine: Any) -> float:
+    def evaluate(self) -> float:
         """Mean cross-entropy over ``eval.batches`` micro batches per rank (the same batches at every evaluation)."""
         if self.dataset is None:
             return math.nan
-        env, mb = self.env, self.micro_batch_size
+        env, mb, engine = self.env, self.micro_batch_size, self.engine
         engine.eval()
         losses = []
         for i in range(self.config.batches):
