@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,15 +27,11 @@ import time
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_adamc.ports import free_port
 
 
 def launch(argv: list[str]) -> int:
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")

@@ -1,7 +1,8 @@
-"""The usual decay / no-decay split, so nobody writes it by hand.
+"""The usual decay / no-decay split, so nobody writes it by hand: the project's one rule (``undecayed``).
 
 Weights of two or more dimensions are decayed; biases, norm gains and other 1-D tensors are not. Embeddings
-(``nn.Embedding`` weights) can be excluded as well, as some recipes do.
+(``nn.Embedding`` weights) can be excluded as well, as some recipes do. The trainer's groups, ``decay_param_groups``
+and the ``"decay_split"`` of DeepSpeed's optimizer build (HF Trainer, Accelerate) all apply this rule.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def undecayed(name: str, ndim: int, embedding: bool = False) -> bool:
+    """No weight decay for 1-D tensors (norm gains, biases), anything named ``*bias``, and excluded embeddings."""
+    return ndim < 2 or name.endswith("bias") or embedding
 
 
 def decay_param_groups(
@@ -29,7 +35,7 @@ def decay_param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embedding_ids:
+        if undecayed(name, param.ndim, id(param) in embedding_ids):
             no_decay.append(param)
             no_decay_names.append(name)
         else:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from megatron_adamc.ports import free_port  # noqa: F401 (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -21,12 +22,6 @@ SMALL_TRAIN_SETS = [
     "checkpoint.interval=100", "tracking.interval=4", "logging.tensorboard=false", "logging.progress=false",
     "data.vocab_size=512", "data.max_bytes=400000", f"data.cache_dir={SMALL_CORPUS_DIR}",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")

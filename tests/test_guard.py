@@ -13,7 +13,7 @@ from megatron_adamc.train.guard import LOSS_SPIKE, NONFINITE_GRAD, NONFINITE_LOS
 
 
 def test_guard_decisions_and_streak() -> None:
-    guard = DivergenceGuard(max_bad_steps=2, spike_ratio=1.5, spike_window=3)
+    guard = DivergenceGuard(max_bad_steps=2, spike_ratio=1.5, spike_skip_window=3)
     assert guard.pre_update(math.nan) == NONFINITE_LOSS and guard.pre_update(math.inf) == NONFINITE_LOSS
     for loss in (4.0, 4.0, 4.0):
         assert guard.pre_update(loss) is None  # the window is not full yet: no spike decisions

@@ -2,7 +2,7 @@
 
 The mechanics (two nodes, rendezvous, signals through the batch shell, srun and torchrun, checkpoint, requeue,
 resume, crash requeue) are proven with tests/slurm/standin_train.py, a real gloo job with the trainer's command
-line and files. The end-to-end tests against `megatron-adamc train` skip until the trainer exists.
+line and files; the end-to-end tests run `megatron-adamc train` itself.
 """
 
 from __future__ import annotations
@@ -331,12 +331,7 @@ def test_requeue_of_an_unknown_job_is_refused_by_real_slurm(cluster, tmp_path: P
     assert "scontrol requeue 999999 failed" in proc.stderr
 
 
-# -- the real trainer, end to end (enabled once `megatron-adamc train` exists) -------------------------------------
-
-trainer_missing = pytest.mark.skipif(
-    not (REPO / "megatron_adamc" / "train" / "trainer.py").exists() or not TINY_CONFIG.exists(),
-    reason="megatron_adamc/train/trainer.py or configs/train/llama_tiny.yaml does not exist yet (issue 4)",
-)
+# -- the real trainer, end to end -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +342,6 @@ def trainer_uninterrupted(cluster, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-@trainer_missing
 @pytest.mark.slow
 def test_train_sbatch_runs_the_trainer_on_two_nodes(trainer_uninterrupted: Path) -> None:
     out = trainer_uninterrupted
@@ -359,7 +353,6 @@ def test_train_sbatch_runs_the_trainer_on_two_nodes(trainer_uninterrupted: Path)
     assert (out / "checkpoints" / "latest").is_file()
 
 
-@trainer_missing
 @pytest.mark.slow
 def test_train_preempted_resumes_with_the_same_losses(cluster, trainer_uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

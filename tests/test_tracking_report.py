@@ -15,7 +15,6 @@ from megatron_adamc.core import theory
 from megatron_adamc.errors import UserError
 from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.tracking import forms
-from megatron_adamc.tracking.report import load_run
 
 
 def main(argv: list[str]) -> int:
@@ -144,24 +143,6 @@ def test_summary_by_layer_type(report: Path) -> None:
     linear, embedding, output = (float(c) for c in rows["adamc kosson"][2:5])
     assert linear == pytest.approx(1.0, abs=0.1) and embedding == pytest.approx(1.0, abs=0.15)
     assert output == pytest.approx(1.0, abs=0.15)
-
-
-def test_legacy_adam_rows_are_read_as_adam_forms(tmp_path: Path) -> None:
-    """A run tracked before the Adam forms: the SGD form under predicted_ratio, Kosson's angular update under
-    predicted_update_ratio. The report turns them into the two Adam forms of the normalized update."""
-    lr, name = 1e-3, "layers.0.mlp.fc2.weight"
-    row = {"step": 10, "loss": 3.0, "lr": lr, "update_weight_ratio/" + name: 2e-3, "grad_weight_ratio/" + name: 0.01}
-    row["predicted_ratio/" + name] = theory.sgd_grad_weight_ratio(0.1, lr)
-    row["predicted_update_ratio/" + name] = theory.adam_update_weight_ratio(0.1, lr, BETA1)
-    (tmp_path / "old").mkdir()
-    MetricsFile(tmp_path / "old").append(row)
-    run = load_run(tmp_path / "old")
-    upgraded = run.rows[0]
-    assert "predicted_ratio/" + name not in upgraded
-    assert upgraded["normalized_update_ratio/" + name] == pytest.approx(2.0)
-    assert upgraded["predicted_adam_ratio/" + name] == pytest.approx(theory.adam_normalized_update_ratio(0.1, lr))
-    kosson = theory.kosson_normalized_update_ratio(0.1, lr, BETA1)
-    assert upgraded["predicted_kosson_ratio/" + name] == pytest.approx(kosson)
 
 
 def test_missing_metrics_is_a_one_line_error(tmp_path: Path) -> None:

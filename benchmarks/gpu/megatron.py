@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpu.common import StepContext, child_env, free_port, python_module, run_logged, table
+from gpu.common import StepContext, child_env, python_module, run_logged, table
 from gpu.megatron_proof import checks as proof_checks
+from megatron_adamc.ports import free_port
 
 ITERS, WARMUP_ITERS, TRACK_INTERVAL = 20, 5, 5
 LR, WEIGHT_DECAY = 1e-3, 0.1

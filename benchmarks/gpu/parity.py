@@ -15,7 +15,8 @@ import sys
 import time
 from typing import Any
 
-from gpu.common import REPO, StepContext, fmt, free_port, table
+from gpu.common import REPO, StepContext, fmt, table
+from megatron_adamc.ports import free_port
 
 RTOL = 1e-6  # tests/test_deepspeed_adamc.py's tolerance; measured bitwise on the CPU
 MIN_ADAMW_GAP = 1e-3  # plain AdamW must differ from AdamC by far more than RTOL, or the comparison proves nothing

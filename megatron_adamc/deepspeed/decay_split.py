@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from megatron_adamc.core.decay import AdamCError
+from megatron_adamc.param_groups import undecayed as undecayed_by_rule
 
 PARAM = "decay_split"
 EXCLUDE_EMBEDDINGS = "exclude_embeddings"
@@ -52,7 +53,7 @@ def split_param_groups(
         embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
 
     def undecayed(p: Any) -> bool:
-        return _true_ndim(p) < 2 or names.get(id(p), "").endswith("bias") or id(p) in embeddings
+        return undecayed_by_rule(names.get(id(p), ""), _true_ndim(p), id(p) in embeddings)
 
     out: list[dict[str, Any]] = []
     origin: list[int] = []

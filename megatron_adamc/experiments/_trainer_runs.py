@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from megatron_adamc.errors import DivergenceError, UserError
 from megatron_adamc.experiments import _launcher as launcher
 from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.ports import free_port
 from megatron_adamc.resources import configs_dir, find_file
-from megatron_adamc.train.distributed import free_port
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
 MODELS: dict[str, dict[str, Any]] = {
@@ -233,7 +233,7 @@ class RunQueue:
         """One trainer process with its own rendezvous port (and GPU), watched until it ends; its exit code."""
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with self._lock:
-            port = _free_port(self._ports)
+            port = free_port(self._ports)
             self._ports.add(port)
             gpu = self._free_gpus.pop() if self._free_gpus else None
         env["MASTER_PORT"] = str(port)
@@ -279,13 +279,6 @@ class RunQueue:
             f"{tag}: step {step}/{steps} loss {last.get('loss', math.nan):.4f} | run ETA {_fmt_time(run_eta)} | "
             f"experiment ETA {_fmt_time(run_eta + max(rest, 0.0))}"
         )
-
-
-def _free_port(taken: set[int]) -> int:
-    """A free local TCP port that no run of this queue holds: concurrent runs each need their own rendezvous."""
-    while (port := free_port()) in taken:
-        pass
-    return port
 
 
 def _visible_gpus() -> list[str]:

@@ -15,11 +15,12 @@ argument does not cover it. See docs/megatron.md, "Which groups are corrected".
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from megatron_adamc.core.decay import AdamCError
+from megatron_adamc.core.exclude import parse_exclude as core_parse_exclude
+from megatron_adamc.core.exclude import pattern_matches
 from megatron_adamc.core.norms import strip_wrappers
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("output_layer",)
@@ -28,24 +29,11 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("output_layer",)
 ENABLED_KEY = "adamc"
 # What a tied output layer is called in an exclusion: it IS the embedding's weight (one tensor, two stages).
 TIED_EMBEDDING_NAME = "embedding.word_embeddings.weight"
-_GLOB = set("*?[")
 
 
-def parse_exclude(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"output_layer,embedding"`` or a list -> the patterns; ``""`` / ``"none"`` -> none (correct every group)."""
-    if value is None:
-        return DEFAULT_EXCLUDE
-    items = value.split(",") if isinstance(value, str) else [part for item in value for part in str(item).split(",")]
-    patterns = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
-    if patterns in ((), ("none",)):
-        return ()
-    for pattern in patterns:
-        if pattern == "none" or not all(part for part in pattern.split(".")):
-            raise AdamCError(
-                f"--adamc-exclude {pattern!r} is not a module path or glob: give dotted module names such as "
-                "output_layer,embedding (or 'none' alone to correct every decayed group)"
-            )
-    return patterns
+def parse_exclude(value: str | Sequence[str] | None, field: str = "--adamc-exclude") -> tuple[str, ...]:
+    """The patterns of ``--adamc-exclude`` (``core.exclude``); None is the default, ``output_layer``."""
+    return DEFAULT_EXCLUDE if value is None else core_parse_exclude(value, field)
 
 
 def canonical_name(name: str, param: Any = None) -> str:
@@ -55,14 +43,6 @@ def canonical_name(name: str, param: Any = None) -> str:
     if param is not None and getattr(param, "shared_embedding", False) and name.startswith("output_layer."):
         return TIED_EMBEDDING_NAME
     return name
-
-
-def pattern_matches(pattern: str, name: str) -> bool:
-    """A glob matches the whole name; a plain dotted path matches where its components appear in a row."""
-    if _GLOB & set(pattern):
-        return fnmatch.fnmatchcase(name, pattern)
-    wanted, parts = pattern.split("."), name.split(".")
-    return any(parts[i : i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
 
 
 class ExclusionMatcher:

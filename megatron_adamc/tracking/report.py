@@ -75,29 +75,7 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(str(err)) from err
     if not metrics.rows:
         raise ReportError(f"{path / FILE_NAME}: no line with a 'step' key; nothing to plot")
-    return Run(path.name or str(path), path, [_upgrade_legacy_adam(row) for row in metrics.rows], metrics.events)
-
-
-def _upgrade_legacy_adam(row: dict[str, Any]) -> dict[str, Any]:
-    """Rows of an Adam run tracked before the Adam forms existed carry the SGD form under ``predicted_ratio`` and
-    Kosson's angular update under ``predicted_update_ratio``. Both Adam forms follow from them (the SGD formula is
-    Defazio's Adam form of the normalized update; Kosson's over the lr is its normalized form), so such a run is
-    reported against the right lines, not the SGD one."""
-    legacy = [k.split("/", 1)[1] for k in row if k.startswith("predicted_update_ratio/")]
-    lr = row.get("lr")
-    if not legacy or not isinstance(lr, (int, float)) or not lr > 0:
-        return row
-    row = dict(row)
-    for name in legacy:
-        kosson, sgd = row.pop(f"predicted_update_ratio/{name}"), row.pop(f"predicted_ratio/{name}", None)
-        measured = row.get(f"update_weight_ratio/{name}")
-        if isinstance(measured, (int, float)):
-            row[f"normalized_update_ratio/{name}"] = measured / lr
-        if isinstance(kosson, (int, float)):
-            row[f"predicted_kosson_ratio/{name}"] = kosson / lr
-        if isinstance(sgd, (int, float)):
-            row[f"predicted_adam_ratio/{name}"] = sgd
-    return row
+    return Run(path.name or str(path), path, metrics.rows, metrics.events)
 
 
 def _labels(runs: list[Run]) -> None:

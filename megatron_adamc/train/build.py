@@ -89,9 +89,9 @@ def split_adamc_excluded(model: torch.nn.Module, groups: list[dict], patterns: l
     if not patterns:
         return groups
     from megatron_adamc.core.decay import AdamCError
-    from megatron_adamc.megatron.groups import parse_exclude, pattern_matches
+    from megatron_adamc.core.exclude import parse_exclude, pattern_matches
 
-    patterns = list(parse_exclude(patterns))
+    patterns = list(parse_exclude(patterns, "optimizer.adamc_exclude"))
     names = {id(p): n for n, p in model.named_parameters()}
     hit = {id(p) for p in model.parameters() if any(pattern_matches(x, names[id(p)]) for x in patterns)}
     if not hit:

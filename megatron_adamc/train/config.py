@@ -84,7 +84,7 @@ class TrainSection(_Section):
     spike_skip_ratio: float | None = Field(
         None, gt=1, description="skip the update when the loss exceeds this ratio of its running mean (off: null)"
     )
-    spike_window: int = Field(50, gt=1, description="steps in the running mean of spike_skip_ratio")
+    spike_skip_window: int = Field(50, gt=1, description="good losses in the running mean spike_skip_ratio compares to")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none",
         description="full: recompute every block; selective: keep matmul and attention outputs, recompute the cheap "

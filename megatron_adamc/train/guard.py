@@ -2,7 +2,7 @@
 
 A step is bad when its loss (mean over ranks) is not finite, when DeepSpeed skipped its update because the gradients
 were not finite, or, with ``train.spike_skip_ratio`` set, when its loss exceeds that ratio of the running mean of
-the last ``train.spike_window`` good losses. A bad step's update is never applied: the trainer poisons the last
+the last ``train.spike_skip_window`` good losses. A bad step's update is never applied: the trainer poisons the last
 backward so that DeepSpeed's own overflow check (every ZeRO stage; ``zero0_overflow_guard`` below for stage 0)
 discards the gradients on every rank alike. After ``train.max_bad_steps`` bad steps in a row the run stops with
 ``DivergenceError``. Every decision uses values all ranks share (all-reduced loss, DeepSpeed's all-reduced overflow
@@ -23,16 +23,16 @@ LOSS_SPIKE = "loss_spike"
 
 
 class DivergenceGuard:
-    def __init__(self, max_bad_steps: int, spike_ratio: float | None = None, spike_window: int = 50) -> None:
+    def __init__(self, max_bad_steps: int, spike_ratio: float | None = None, spike_skip_window: int = 50) -> None:
         self.max_bad_steps = max_bad_steps
         self.spike_ratio = spike_ratio
-        self.window: deque[float] = deque(maxlen=spike_window)
+        self.window: deque[float] = deque(maxlen=spike_skip_window)
         self.consecutive_bad = 0
         self.skipped_total = 0
 
     @classmethod
     def from_config(cls, train: Any) -> DivergenceGuard:
-        return cls(train.max_bad_steps, train.spike_skip_ratio, train.spike_window)
+        return cls(train.max_bad_steps, train.spike_skip_ratio, train.spike_skip_window)
 
     def pre_update(self, loss: float) -> str | None:
         """Before the last backward, from the step's mean loss over ranks: a reason to skip the update, or None."""

@@ -18,11 +18,12 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megatron_adamc.ports import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "slurmctld", "slurmd", "slurmstepd", "sbatch", "scontrol", "sinfo", "squeue", "scancel", "srun"]
@@ -59,12 +60,6 @@ def ensure_installed() -> None:
         raise ClusterUnavailable(f"still missing after apt-get: {', '.join(missing_binaries())}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sbin(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -79,8 +74,8 @@ class LocalSlurmCluster:
         self.munge_socket = self.dir / "munge" / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
         # Free ports, so that this cluster does not collide with another one (or a real slurmd) on this host.
-        self.ctld_port = _free_port()
-        self.slurmd_ports = {n: _free_port() for n in NODES}
+        self.ctld_port = free_port()
+        self.slurmd_ports = {n: free_port() for n in NODES}
 
     # -- configuration ------------------------------------------------------------------------------------
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -18,12 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_adamc.experiments._launcher import PRELOAD
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_adamc.ports import free_port
 
 
 def _rank_main(target: Callable, rank: int, world: int, port: int, errors: str, args: tuple) -> None:
