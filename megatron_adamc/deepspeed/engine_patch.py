@@ -23,6 +23,7 @@ from megatron_adamc.core.adamc import ENABLED_KEY, attach_adamc
 from megatron_adamc.core.decay import AdamCError, validate_weight_decay
 from megatron_adamc.deepspeed.decay_split import PARAM as DECAY_SPLIT_PARAM
 from megatron_adamc.deepspeed.decay_split import decay_split_mode, per_caller_group, split_param_groups
+from megatron_adamc.deepspeed.internals import configured_optimizer_name, wrap_optimizer_build
 from megatron_adamc.deepspeed.peak_lr import resolve_lr_max
 from megatron_adamc.deepspeed.step_paths import refuse_unsupported_step_paths
 from megatron_adamc.extras import require
@@ -87,26 +88,29 @@ def register() -> None:
     if getattr(DeepSpeedEngine, _PATCHED, False):
         return
 
-    configure_basic = DeepSpeedEngine._configure_basic_optimizer
-    configure = DeepSpeedEngine._configure_optimizer
+    def wrap(name: str, original: Any) -> Any:
+        if name == "_configure_basic_optimizer":
 
-    @functools.wraps(configure_basic)
-    def _configure_basic_optimizer(self: Any, model_parameters: Any) -> Any:
-        if self.optimizer_name() == ADAMC:
-            return _build_adamc(self, model_parameters)
-        return configure_basic(self, model_parameters)
+            @functools.wraps(original)
+            def _configure_basic_optimizer(self: Any, model_parameters: Any) -> Any:
+                if self.optimizer_name() == ADAMC:
+                    return _build_adamc(self, model_parameters)
+                return original(self, model_parameters)
 
-    @functools.wraps(configure)
-    def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> Any:
-        if self._config.optimizer_name == ADAMC:
-            if client_optimizer is not None:
-                raise AdamCError(
-                    "optimizer.type AdamC cannot correct a client optimizer passed to deepspeed.initialize: "
-                    "drop optimizer= or set optimizer.type to AdamW"
-                )
-            refuse_unsupported_step_paths(self)
-        return configure(self, client_optimizer, model_parameters)
+            return _configure_basic_optimizer
 
-    DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
-    DeepSpeedEngine._configure_optimizer = _configure_optimizer
+        @functools.wraps(original)
+        def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> Any:
+            if configured_optimizer_name(self) == ADAMC:
+                if client_optimizer is not None:
+                    raise AdamCError(
+                        "optimizer.type AdamC cannot correct a client optimizer passed to deepspeed.initialize: "
+                        "drop optimizer= or set optimizer.type to AdamW"
+                    )
+                refuse_unsupported_step_paths(self)
+            return original(self, client_optimizer, model_parameters)
+
+        return _configure_optimizer
+
+    wrap_optimizer_build(wrap)
     setattr(DeepSpeedEngine, _PATCHED, True)

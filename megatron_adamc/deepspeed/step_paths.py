@@ -24,7 +24,9 @@ from megatron_adamc.core.decay import AdamCError
 
 def refuse_unsupported_step_paths(engine: Any) -> None:
     """Raises AdamCError naming the config key of a path whose steps AdamC cannot correct."""
-    zero = engine._config.zero_config
+    from megatron_adamc.deepspeed.internals import zero_config
+
+    zero = zero_config(engine)
     offload = zero.offload_optimizer
     if zero.zenflow is not None:
         raise AdamCError(

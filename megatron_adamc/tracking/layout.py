@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from megatron_adamc.deepspeed.internals import base_optimizer, param_partition_rank
+
 
 @dataclass
 class FlatLayout:
@@ -108,7 +110,7 @@ def _stage3(optimizer: Any, rows: dict[int, int], group_of_row: list[int]) -> di
             group_of_row[rows[id(param)]] = optimizer.sub_group_to_group_id[sub_group]
             group, start, numel = optimizer.grad_position[optimizer.get_param_id(param)]
             assert group == sub_group, "ZeRO-3 grad_position disagrees with fp16_groups"
-            rank = optimizer._get_param_partition_rank(param)
+            rank = param_partition_rank(optimizer, param)
             valid = max(0, min(numel, param.ds_numel - rank * numel))
             layout.add(rows[id(param)], int(start), int(valid))
         out[id(flat)] = layout
@@ -146,7 +148,7 @@ def build_layout(engine: Any, model: nn.Module | None = None) -> Layout:
     if isinstance(optimizer, BF16_Optimizer):
         flats = _hp_mapped(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition, rows, group_of_row)
         return Layout(names, flats, False, "bf16", group_of_row)
-    if optimizer is getattr(engine, "basic_optimizer", optimizer) and isinstance(optimizer, torch.optim.Optimizer):
+    if optimizer is base_optimizer(engine) and isinstance(optimizer, torch.optim.Optimizer):
         flats = {}
         for index, group in enumerate(optimizer.param_groups):
             for param in group["params"]:

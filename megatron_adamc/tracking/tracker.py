@@ -19,6 +19,7 @@ from megatron_adamc.core import fp8
 from megatron_adamc.core.adamc import ENABLED_KEY, LR_MAX_KEY
 from megatron_adamc.core.fp8 import AmaxHistory
 from megatron_adamc.core.norms import norm, parameter_metrics, predicted_forms, ratio, rms
+from megatron_adamc.deepspeed.internals import backup_optimizer, base_optimizer, global_grad_norm
 from megatron_adamc.tracking import master as columns
 from megatron_adamc.tracking.activations import ActivationStats
 from megatron_adamc.tracking.config import TrackingConfig
@@ -47,10 +48,10 @@ class Tracker:
         self.device = torch.device(get_accelerator().current_device_name())
         self.layout = build_layout(engine, self.model)
         self.names = self.layout.names
-        basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        basic = base_optimizer(engine)
         optimizers = [basic]
-        backup = getattr(engine.optimizer, "backup_optimizer", None)  # ZeRO-3 partial offload's second kernel
-        if isinstance(backup, torch.optim.Optimizer) and backup is not basic:
+        backup = backup_optimizer(engine)  # ZeRO-3 partial offload's second kernel
+        if backup is not None and backup is not basic:
             optimizers.append(backup)
         self.param_groups = basic.param_groups
         self.clip = float(engine.gradient_clipping() or 0.0)
@@ -181,7 +182,7 @@ class Tracker:
     def _global_norm(self) -> float | None:
         if self.layout.kind == "stage0":
             return self._stage0_norm
-        return _float(getattr(self.engine.optimizer, "_global_grad_norm", None))
+        return _float(global_grad_norm(self.engine))
 
     def _world(self) -> int:
         return self.dist.get_world_size() if self.dist.is_initialized() else 1

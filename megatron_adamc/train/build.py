@@ -106,22 +106,12 @@ def split_adamc_excluded(model: torch.nn.Module, groups: list[dict], patterns: l
     return out
 
 
-def base_optimizer(engine: Any) -> torch.optim.Optimizer:
-    """The torch optimizer that holds the FP32 master weights (ZeRO's partitions) and the Adam moments."""
-    return getattr(engine, "basic_optimizer", None) or engine.optimizer
-
-
-# Where DeepSpeed's optimizer wrappers keep the FP32 master partitions: ZeRO 1/2, ZeRO 3 (whose base optimizer holds
-# them in its groups only during a step), BF16_Optimizer.
-_MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
-
-
 def master_tensors(engine: Any) -> list[torch.Tensor]:
     """This rank's FP32 master weights and Adam moments (each tensor once)."""
+    from megatron_adamc.deepspeed.internals import base_optimizer, master_partitions
+
     optimizer = base_optimizer(engine)
-    tensors = [p for group in optimizer.param_groups for p in group["params"]]
-    for name in _MASTER_ATTRIBUTES:
-        tensors += [t for t in getattr(engine.optimizer, name, None) or [] if isinstance(t, torch.Tensor)]
+    tensors = [p for group in optimizer.param_groups for p in group["params"]] + master_partitions(engine)
     for state in optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     unique = {id(t): t for t in tensors if t.numel()}

@@ -328,9 +328,9 @@ class CatchWriteErrors:
     engine's copy of its recovery scripts (``zero_to_fp32.py``) beside the checkpoints."""
 
     def __init__(self, engine: Any, errors: list[str]) -> None:
-        self.targets = [(engine.checkpoint_engine, "save"), (engine.checkpoint_engine, "makedirs")]
-        if hasattr(engine, "_copy_recovery_script"):
-            self.targets.append((engine, "_copy_recovery_script"))
+        from megatron_adamc.deepspeed.internals import checkpoint_writers
+
+        self.targets = checkpoint_writers(engine)
         self.errors = errors
 
     def __enter__(self) -> None:

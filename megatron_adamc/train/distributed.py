@@ -52,9 +52,9 @@ def init_distributed() -> DistEnv:
 def skip_shm_comm_op() -> None:
     """One CPU rank has nothing to reduce: spare it DeepSpeed's shared-memory all-reduce op, which DeepSpeed's CPU
     backend otherwise JIT-compiles at its first start (~1 min on 2 cores) and checks at every later one."""
-    import deepspeed.ops
+    from megatron_adamc.deepspeed.internals import disable_op
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    disable_op("deepspeed_shm_comm")
 
 
 def all_mean(values: list[float], env: DistEnv) -> list[float]:

@@ -75,7 +75,7 @@ def repair_after_load(engine: Any) -> None:
     rewritten from the config by the trainer, with ``groups_as_built``.)"""
     import torch
 
-    from megatron_adamc.train.build import base_optimizer
+    from megatron_adamc.deepspeed.internals import base_optimizer
 
     for opt_state in base_optimizer(engine).state.values():
         if isinstance(opt_state.get("step"), torch.Tensor):
