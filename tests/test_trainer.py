@@ -30,7 +30,9 @@ def train_cmd(out: Path, data_cache: str, *sets: str, nproc: int = 1) -> list[st
 def test_run_directory_contents(tmp_path, data_cache):
     out = tmp_path / "run"
     # A hair-trigger spike alarm (z > 0.01 over the last 8 steps) so that spike events happen in 12 steps.
-    proc = run(train_cmd(out, data_cache, "logging.tensorboard=true", "tracking.spike_zscore=0.01"))
+    proc = run(
+        train_cmd(out, data_cache, "logging.tensorboard=true", "tracking.spike_zscore=0.01", "tracking.interval=5")
+    )
     assert "final train loss" in proc.stdout and "validation loss" in proc.stdout
     metrics = MetricsFile(out).read(strict=True)
     records = metrics.rows
@@ -45,7 +47,8 @@ def test_run_directory_contents(tmp_path, data_cache):
     # AdamC: the applied decay follows lr / lr_max with lr_max = optimizer.lr (3e-3), lambda = 0.1
     for r in records:
         assert r["weight_decay"] == pytest.approx(0.1 * r["lr"] / 3e-3, rel=1e-9)
-    assert any(k.startswith("grad_weight_ratio/layers.0.attn.qkv") for k in records[3])
+    tracked = [r["step"] for r in records if any(k.startswith("grad_weight_ratio/layers.0.attn.qkv") for k in r)]
+    assert tracked[:2] == [5, 10] and tracked[-1] == 12  # every 5 steps and the last (spikes may add steps)
     info = json.loads((out / "run.json").read_text())
     assert info["zero_stage"] == 1 and info["config"]["optimizer"]["type"] == "AdamC"
     (invocation,) = info["invocations"]
