@@ -15,18 +15,16 @@ as diverged, at L0.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from megatron_adamc.errors import UserError
-from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, mean_std, series, window_mean
+from megatron_adamc.experiments._trainer_runs import LlmConfig, Run, RunQueue, Task, mean_std, series, window_mean
 
 HEADLINE_KEYS = ("max_stable_lr", "lr_sensitivity", "best_loss")
 VariantName = Literal["baseline", "qk_norm", "qk_norm_cap", "qkv_norm", "qk_proj_fc2_norm", "scaled_embed"]
@@ -322,18 +320,16 @@ def run(cfg: Config, output_dir: Path) -> dict:
     lrs = sorted(cfg.lrs)
     ladders = [(w, v, s) for w in cfg.widths for s in cfg.seeds for v in cfg.variants]
     total = len(ladders) * len(lrs)
-    queue = RunQueue(cfg, output_dir, total_steps=total * cfg.steps)
+    queue = RunQueue(cfg, output_dir, total_steps=total * cfg.steps, total_runs=total)
     threshold: list[float] = [cfg.divergence_loss] if cfg.divergence_loss is not None else []
     curves: dict[str, list[dict[str, Any]]] = {}
-    lock = threading.Lock()
 
     def divergence_loss() -> float:
-        with lock:
-            if not threshold:
-                threshold.append(unigram_entropy(cache))  # a finished run has built the data
-            return threshold[0]
+        if not threshold:
+            threshold.append(unigram_entropy(cache))  # a finished run has built the data
+        return threshold[0]
 
-    def ladder(width: int, variant: str, seed: int) -> list[dict[str, Any]]:
+    def ladder(width: int, variant: str, seed: int) -> Task[list[dict[str, Any]]]:
         """One (variant, width, seed) ladder, lr by lr, cut after ``skip_after_diverged`` divergences in a row."""
         runs: list[dict[str, Any]] = []
         streak = 0
@@ -341,11 +337,10 @@ def run(cfg: Config, output_dir: Path) -> dict:
             if cfg.skip_after_diverged and streak >= cfg.skip_after_diverged:
                 initial = runs[-1]["initial_loss"]
                 runs.append(skipped_run(variant, width, lr, seed, initial, cfg.skip_after_diverged))
-                with lock:
-                    queue.total_steps -= cfg.steps
+                queue.total_steps -= cfg.steps
                 continue
             name = run_name(variant, width, lr, seed)
-            records = queue.run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, total, may_diverge=True)
+            records = yield Run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, may_diverge=True)
             curves[name] = records
             stopped = queue.diverged(name)
             result = summarize_run(cfg, records, variant, lr, divergence_loss(), stopped)
@@ -353,7 +348,7 @@ def run(cfg: Config, output_dir: Path) -> dict:
             streak = streak + 1 if result["diverged"] else 0
         return runs
 
-    per_ladder = queue.parallel([functools.partial(ladder, *key) for key in ladders])
+    per_ladder = queue.parallel([ladder(*key) for key in ladders])
     runs = [r for ladder_runs in per_ladder for r in ladder_runs]
     summary = summarize(cfg, runs)
     results = {
