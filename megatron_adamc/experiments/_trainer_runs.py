@@ -54,7 +54,9 @@ class LlmConfig(BaseModel):
     vocab_size: int = Field(1024, gt=0, description="the default corpus' BPE vocabulary")
     max_bytes: int = Field(8_000_000, gt=0, description="bytes of Python stdlib source in the corpus")
     data_cache_dir: str | None = Field(
-        None, description="default: ~/.cache/megatron-adamc/experiments-v<vocab_size>, apart from the trainer's cache"
+        None,
+        description="default: ~/.cache/megatron-adamc/experiments-v<vocab_size> (+ -<max_bytes>B unless 8000000), "
+        "apart from the trainer's cache",
     )
     base_config: str | None = Field(None, description="trainer YAML the overrides apply to; default llama_tiny.yaml")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON, e.g. configs/deepspeed/zero1_bf16.json on a GPU")
@@ -76,9 +78,16 @@ def base_config_path(cfg: LlmConfig) -> Path:
     return path
 
 
+def data_cache(cfg: LlmConfig) -> str:
+    """The corpus cache of an experiment: one per vocabulary and corpus size (a cache is rebuilt in place when either
+    changes, so experiments of different sizes must not share one)."""
+    size = "" if cfg.max_bytes == 8_000_000 else f"-{cfg.max_bytes}B"
+    return cfg.data_cache_dir or f"~/.cache/megatron-adamc/experiments-v{cfg.vocab_size}{size}"
+
+
 def common_overrides(cfg: LlmConfig) -> list[str]:
     """The trainer ``--set`` list every run of an experiment shares: model, data, and no per-run overhead."""
-    cache = cfg.data_cache_dir or f"~/.cache/megatron-adamc/experiments-v{cfg.vocab_size}"
+    cache = data_cache(cfg)
     sets = [f"model.{k}={v}" for k, v in MODELS[cfg.model].items()]
     sets += [
         f"model.max_seq_len={cfg.seq_len}",

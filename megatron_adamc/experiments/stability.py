@@ -24,7 +24,16 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from megatron_adamc.errors import UserError
-from megatron_adamc.experiments._trainer_runs import LlmConfig, Run, RunQueue, Task, mean_std, series, window_mean
+from megatron_adamc.experiments._trainer_runs import (
+    LlmConfig,
+    Run,
+    RunQueue,
+    Task,
+    data_cache,
+    mean_std,
+    series,
+    window_mean,
+)
 
 HEADLINE_KEYS = ("max_stable_lr", "lr_sensitivity", "best_loss")
 VariantName = Literal["baseline", "qk_norm", "qk_norm_cap", "qkv_norm", "qk_proj_fc2_norm", "scaled_embed"]
@@ -316,7 +325,7 @@ def run(cfg: Config, output_dir: Path) -> dict:
     from megatron_adamc.experiments._stability_figures import plot
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    cache = cfg.data_cache_dir or f"~/.cache/megatron-adamc/experiments-v{cfg.vocab_size}"
+    cache = data_cache(cfg)
     lrs = sorted(cfg.lrs)
     ladders = [(w, v, s) for w in cfg.widths for s in cfg.seeds for v in cfg.variants]
     total = len(ladders) * len(lrs)

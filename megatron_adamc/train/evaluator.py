@@ -1,4 +1,9 @@
-"""Validation loss: when to evaluate (``eval.interval`` and the last step) and the pass itself."""
+"""Validation loss: when to evaluate (``eval.interval`` and the last step) and the pass itself.
+
+By default a pass is ``eval.batches`` micro batches of the validation dataset, which megatron-core samples with the
+run's seed. ``eval.full_split`` evaluates every token of the split instead, in windows cut from its documents in
+file order: the same set for every seed, so runs that differ only in their seed are compared on the same data.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ class Evaluator:
         self.micro_batch_size = micro_batch_size
         self.dataset = dataset
         self.env = env
+        self._windows: torch.Tensor | None = None
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
         return last_step or step % self.config.interval == 0
@@ -26,6 +32,8 @@ class Evaluator:
         """Mean cross-entropy over ``eval.batches`` micro batches per rank (the same batches at every evaluation)."""
         if self.dataset is None:
             return math.nan
+        if getattr(self.config, "full_split", False):
+            return self._evaluate_full_split(engine)
         env, mb = self.env, self.micro_batch_size
         engine.eval()
         losses = []
@@ -36,3 +44,38 @@ class Evaluator:
             losses.append(float(parts["ce"]))
         engine.train()
         return all_mean([sum(losses) / len(losses)], env)[0]
+
+    @torch.no_grad()
+    def _evaluate_full_split(self, engine: Any) -> float:
+        """Token-weighted mean cross-entropy over every window of the split, the windows dealt out over the ranks."""
+        if self._windows is None:
+            self._windows = split_windows(self.dataset)
+        env, mb = self.env, self.micro_batch_size
+        mine = self._windows[env.rank :: env.world_size]
+        engine.eval()
+        total = 0.0
+        for start in range(0, len(mine), mb):
+            batch = mine[start : start + mb].to(env.device)
+            _, parts = engine.module.loss(engine(batch[:, :-1]), batch[:, 1:])
+            total += float(parts["ce"]) * len(batch)  # windows of equal length: a batch's mean weighs its rows
+        engine.train()
+        summed, count = all_mean([total, float(len(mine))], env)
+        return summed / count
+
+
+def split_windows(dataset: Any) -> torch.Tensor:
+    """Every token of a megatron-core GPT dataset's split (each part of a blend), documents in file order, cut into
+    windows of ``sequence_length + 1`` tokens that overlap by one, as the dataset's own samples do; the tail shorter
+    than a window is left out. Independent of the dataset's seed and sample count."""
+    import numpy as np
+
+    parts = getattr(dataset, "datasets", None) or [dataset]
+    length = parts[0].config.sequence_length
+    tokens = np.concatenate([part.dataset.get(int(doc)) for part in parts for doc in np.sort(part.indices)]).astype(
+        np.int64
+    )
+    count = (len(tokens) - 1) // length
+    if count < 1:
+        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one window of {length + 1}")
+    starts = np.arange(count)[:, None] * length + np.arange(length + 1)[None, :]
+    return torch.from_numpy(tokens[starts])
