@@ -8,7 +8,9 @@ non-finite (the trainer's divergence guard stops such a run with exit 3), or cli
 above its first-step loss L0 (everything learned is lost; under a cosine decay such a run may later recover part of
 it, so the final loss alone misses it), or ends above the unigram entropy of the training tokens. Per variant and
 width: the largest stable lr of each seed (the largest grid lr with it and every smaller lr stable) and its spread,
-Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0: the loss at initialization), and the best loss.
+Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0: the loss at initialization; L the final
+validation loss, L0 where it is non-finite or the run was skipped; a run flagged diverged by the stricter rules above
+but with a finite loss enters at min(L, L0), as in Wortsman et al.), and the best loss.
 A ladder (variant, width, seed) stops after ``skip_after_diverged`` consecutive diverged lrs: the lrs above count
 as diverged, at L0.
 """
