@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,6 +229,41 @@ def test_a_failed_run_stops_the_queue_starting_more(stab, tmp_path):
     assert metrics(tmp_path, "running")[-1]["step"] == 200
     assert (tmp_path / "runs" / "running" / "overrides.json").is_file()
     assert not (tmp_path / "runs" / "never-started").exists()
+
+
+def _writing_to(log: Path) -> list[int]:
+    """The processes whose stdout is ``log``: a run's pool worker and its data-loader workers."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{entry}/fd/1") == str(log):
+                pids.append(int(entry))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def test_a_killed_run_is_named_and_not_recorded(stab, tmp_path):
+    """A run's process killed from outside (SIGKILL, as the out-of-memory killer does): the pool breaks, the error
+    names the run, and nothing records it as finished (a rerun trains it again)."""
+    out, results = stab
+    cfg = stability.Config(**results["config"])
+    queue = RunQueue(cfg, tmp_path, total_steps=2000)
+    run_dir = tmp_path / "runs" / "victim"
+
+    def kill_once_training() -> None:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in _writing_to(run_dir / "train.log"):
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_training)
+    killer.start()
+    with pytest.raises(RuntimeError, match="victim: its process ended abruptly"):
+        queue.run("victim", stability.overrides(cfg, "baseline", 64, 0.03, 0), 2000)
+    killer.join()
+    assert not (run_dir / "overrides.json").exists() and metrics(tmp_path, "victim")[-1]["step"] < 2000
 
 
 def _group_members(pgid: int) -> list[int]:

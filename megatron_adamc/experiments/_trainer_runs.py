@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Generator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -304,9 +305,12 @@ class RunQueue:
             self._free_gpus.append(started.gpu)
         run, run_dir = started.run, self.runs_dir / started.run.name
         elapsed = time.monotonic() - started.start
-        returncode = future.result()  # a worker that died (killed, out of memory) raises BrokenProcessPool here
-        records = load_metrics(run_dir / "metrics.jsonl")
         log = run_dir / "train.log"
+        try:
+            returncode = future.result()
+        except BrokenProcessPool as err:  # a worker died (killed, out of memory): the pool ends every run with it
+            raise RuntimeError(f"{run.name}: its process ended abruptly ({err}) (log: {log})") from None
+        records = load_metrics(run_dir / "metrics.jsonl")
         tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
         stopped = run.may_diverge and returncode == DivergenceError.exit_code and bool(records)
         if stopped:
