@@ -404,17 +404,211 @@ def avw_quotes() -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------------------------ adamc_at_best
+
+ARM_NAMES = {
+    "adamw_best": "AdamW at its best λ",
+    "adamc_best": "AdamC at its best λ",
+    "control": "AdamW control (AdamC's integrated decay)",
+    "no_decay": "no weight decay",
+}
+
+
+def _ci(stat: dict, digits: int, plus: bool = False) -> str:
+    """mean [lo, hi] from a results file's own t-interval."""
+    return f"{num(stat['mean'], digits, plus)} [{num(stat['lo'], digits)}, {num(stat['hi'], digits)}]"
+
+
+def at_best_phase1_table() -> list[str]:
+    res = load("adamc_at_best")
+    means, best = res["phase1"]["means"], res["best"]
+    rows = []
+    for key in means["AdamW"]:
+        cells = []
+        for opt in ("AdamW", "AdamC"):
+            cell = means[opt][key]
+            mean = f"{cell['final_val_loss']['mean']:.4f}"
+            chosen = best[opt]["weight_decay"] == cell["weight_decay"]
+            seeds = " / ".join(f"{v:.4f}" for v in cell["per_seed"].values())
+            cells += [f"{cell['weight_decay']:g}", f"**{mean}**" if chosen else mean, seeds]
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def at_best_arms_table() -> list[str]:
+    res = load("adamc_at_best")
+    rows = []
+    for arm, label in ARM_NAMES.items():
+        a = res["phase2"]["arms"][arm]
+        rows.append(
+            f"| {label} | {a['optimizer']} | {a['weight_decay']:g} | {a['lr_wd_steps']:.3g} | "
+            f"{a['integrated_decay']['mean']:.3f} | {_ci(a['final_val_loss'], 4)} | {_ci(a['final_train_loss'], 4)} | "
+            f"{_ci(a['grad_norm_rise'], 3)} | {a['clipped_fraction']['mean']:.3f} |"
+        )
+    return rows
+
+
+def at_best_curve_table() -> list[str]:
+    comp = load("adamc_at_best")["phase2"]["comparisons"]
+    rows = []
+    for w, c in zip(comp["adamc_minus_adamw"]["curve"], comp["adamc_minus_control"]["curve"], strict=True):
+        rows.append(f"| {w['step']} | {_ci(w, 4, True)} | {_ci(c, 4, True)} |")
+    return rows
+
+
+def at_best_comparisons_table() -> list[str]:
+    comp = load("adamc_at_best")["phase2"]["comparisons"]
+    labels = {
+        "adamc_minus_adamw": "AdamC − AdamW (each at its best)",
+        "adamc_minus_control": "AdamC − control",
+        "adamw_minus_no_decay": "AdamW at its best − no decay",
+        "adamc_minus_no_decay": "AdamC at its best − no decay",
+    }
+    rows = []
+    for key, label in labels.items():
+        c = comp[key]
+        rows.append(
+            f"| {label} | {_ci(c['final_val_loss'], 4, True)} | {_ci(c['final_train_loss'], 4, True)} | "
+            f"{_ci(c['grad_norm_rise'], 3, True)} | {c['fraction_below_zero']:.0%} / {c['fraction_above_zero']:.0%} |"
+        )
+    return rows
+
+
+def at_best_layers_table() -> list[str]:
+    """Per arm, mean over the held-out seeds and a type's parameters: ||x|| over the last 5%, ||g|| over the last 5%
+    / over 40-60%, ||dx|| over 40-60%; every parameter's last tracked step is the run's last."""
+    from megatron_adamc.core.theory import layer_type
+
+    res = load("adamc_at_best")
+    rows = []
+    for arm, label in ARM_NAMES.items():
+        runs = [r for r in res["phase2"]["runs"] if r["arm"] == arm]
+        assert {layer["last_step"] for r in runs for layer in r["per_layer"].values()} == {res["config"]["steps"]}
+        cells = []
+        for kind in ("linear", "output"):
+            layers = [v for r in runs for n, v in r["per_layer"].items() if layer_type(n) == kind]
+            mean = lambda f, layers=layers: sum(map(f, layers)) / len(layers)  # noqa: E731
+            cells += [
+                f"{mean(lambda v: v['weight_norm']['end']):.2f}",
+                f"{mean(lambda v: v['grad_norm']['end'] / v['grad_norm']['mid']):.3f}",
+                f"{mean(lambda v: v['update_norm']['mid']):.4f}",
+            ]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def at_best_quotes() -> list[str]:
+    res = load("adamc_at_best")
+    cfg, verdict = res["config"], res["verdict"]
+    return [
+        f"{cfg['num_params']:,} parameters",
+        f"{cfg['tokens_per_param']:.1f} tokens per parameter",
+        f"{cfg['epochs']:.2f} of one epoch",
+        f"{cfg['train_tokens']:,} training tokens",
+        f"{cfg['valid_tokens']:,} validation tokens",
+        f"**Verdict: {verdict['outcome']}.**",
+        f"below 0 at {verdict['fraction_below_zero']:.0%} of the {len(cfg['eval_steps'])} evaluations and above 0 at "
+        f"{verdict['fraction_above_zero']:.0%}",
+        f"the control's λ is {res['control']['weight_decay']:g}",
+        f"{res['wall_time_s'] / 60:.0f} min",
+        *_at_best_prose(res),
+    ]
+
+
+def _at_best_prose(res: dict) -> list[str]:
+    """The prose figures of results_adamc_at_best.md beyond the tables."""
+    means, best = res["phase1"]["means"], res["best"]
+    zero = means["AdamW"]["0"]["final_val_loss"]["mean"]
+    gain = {opt: zero - best[opt]["phase1_final_val_loss"]["mean"] for opt in best}
+    top = max(means["AdamW"], key=float)
+    hurt = {opt: means[opt][top]["final_val_loss"]["mean"] - zero for opt in means}
+    comp = res["phase2"]["comparisons"]
+    main, ctrl = comp["adamc_minus_adamw"], comp["adamc_minus_control"]
+    curve = main["curve"]
+    cross = next(i for i, p in enumerate(curve) if p["mean"] < 0)
+    above = [p["step"] for p in curve if p["lo"] > 0]
+    runs = res["phase2"]["runs"]
+    spread = max(max(c["per_seed"].values()) - min(c["per_seed"].values()) for t in means.values() for c in t.values())
+    grads = [r["grad_norm_mid"] for r in runs] + [r["grad_norm_end"] for r in runs]
+    clipped = [a["clipped_fraction"]["mean"] for a in res["phase2"]["arms"].values()]
+    return [
+        f"by {gain['AdamW']:.3f} (AdamW) and {gain['AdamC']:.3f} (AdamC)",
+        f"(at lr·λ·steps {top}: {num(hurt['AdamW'], 3, True)} vs {num(hurt['AdamC'], 3, True)} over λ 0)",
+        f"(Σ_t lr_t λ_t {res['phase2']['arms']['control']['integrated_decay']['mean']:.3f}, as AdamC's)",
+        f"({len(above)} evaluations between steps {min(above)} and {max(above)}: AdamC is *higher* early)",
+        f"between steps {curve[cross - 1]['step']} and {curve[cross]['step']}",
+        f"at the last step it is {_ci(main['final_val_loss'], 4)}",
+        f"resolve a small AdamC advantage at the end: {_ci(main['final_train_loss'], 4)}",
+        f"lower in validation ({_ci(ctrl['final_val_loss'], 4)};",
+        f"and in train loss ({_ci(ctrl['final_train_loss'], 4)})",
+        f"its gradient norm rises less ({_ci(ctrl['grad_norm_rise'], 3)})",
+        f"AdamW's best − λ 0 = {_ci(comp['adamw_minus_no_decay']['final_val_loss'], 4, True)}",
+        f"AdamC's best − λ 0 = {_ci(comp['adamc_minus_no_decay']['final_val_loss'], 4)}",
+        f"lower than no decay ({_ci(comp['adamc_minus_no_decay']['final_train_loss'], 4)})",
+        f"AdamW's is not resolvably ({_ci(comp['adamw_minus_no_decay']['final_train_loss'], 4)})",
+        f"binds on {min(clipped) * 100:.1f}-{max(clipped):.1%} of steps",
+        f"averages {min(grads):.2f}-{max(grads):.2f}",
+        f"(two seeds, up to {spread:.3f})",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ adam steady state
+
+KINDS = {
+    ("llama", "linear"): "micro Llama: block linears",
+    ("llama", "embedding"): "micro Llama: embedding",
+    ("llama", "output"): "micro Llama: output head",
+    ("mlp", "normalized"): "normalized MLP: hidden layers",
+}
+
+
+def adam_constant_table() -> list[str]:
+    """Per model and layer type: the measured C at each beta1 (both lrs: lr1 / lr2), the forms' predictions, which
+    form fits, and the lr exponent's range over beta1."""
+    res = load("adam_steady_state")
+    rows = []
+    for (model, kind), label in KINDS.items():
+        cells = res["constants"][model][kind]
+        per_beta = [" / ".join(f"{v:.3f}" for v in c["per_lr"].values()) for c in cells.values()]
+        kosson = " / ".join(f"{c['kosson']:.3f}" for c in cells.values())
+        fit = res["verdict"]["outcome"][model][kind]
+        exps = fit["exponent_range"]
+        rows.append(
+            f"| {label} | " + " | ".join(per_beta) + f" | {kosson} | {', '.join(fit['fits'])} | "
+            f"{num(exps[0], 2)} to {num(exps[1], 2)} |"
+        )
+    return rows
+
+
+def adam_ratio_table() -> list[str]:
+    """Per model and layer type and beta1: measured C over Kosson's prediction (mean over lrs and seeds)."""
+    res = load("adam_steady_state")
+    rows = []
+    for (model, kind), label in KINDS.items():
+        cells = res["constants"][model][kind]
+        rows.append(f"| {label} | " + " | ".join(f"{c['over_kosson']:.2f}" for c in cells.values()) + " |")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ registry + test
 
 TABLES: dict[str, list[Callable[[], list[str]]]] = {
     "results_stability.md": [stability_table],
     "results_adamc_vs_adamw.md": [avw_sweep_table, avw_best_table, avw_mid_table, avw_long_table, avw_forms_table],
     "results_steady_state.md": [steady_table],
+    "results_adamc_at_best.md": [
+        at_best_phase1_table,
+        at_best_arms_table,
+        at_best_comparisons_table,
+        at_best_curve_table,
+        at_best_layers_table,
+    ],
 }
 QUOTES: dict[str, list[Callable[[], list[str]]]] = {
     "results_stability.md": [stability_quotes],
     "results_adamc_vs_adamw.md": [avw_quotes],
     "results_steady_state.md": [steady_quotes],
+    "results_adamc_at_best.md": [at_best_quotes],
 }
 
 
