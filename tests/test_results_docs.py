@@ -590,6 +590,62 @@ def adam_ratio_table() -> list[str]:
     return rows
 
 
+def _over_kosson(model: str, kind: str) -> str:
+    cells = load("adam_steady_state")["constants"][model][kind]
+    return " / ".join(f"{c['over_kosson']:.2f}" for c in cells.values())
+
+
+def _exponents(model: str, kind: str) -> str:
+    low, high = load("adam_steady_state")["verdict"]["outcome"][model][kind]["exponent_range"]
+    return f"{num(low, 2)} to {num(high, 2)}"
+
+
+def adam_quotes() -> list[str]:
+    res = load("adam_steady_state")
+    over, span = _over_kosson, _exponents
+    head = [c["over_kosson"] for c in res["constants"]["llama"]["output"].values()]
+    mlp = res["verdict"]["outcome"]["mlp"]["normalized"]
+    assert mlp["fits"] == ["kosson"] and res["verdict"]["outcome"]["llama"]["linear"]["fits"] == ["neither"]
+    return [
+        f"at 0.93 of it at every β1 ({over('mlp', 'normalized')})",
+        f"the lr exponent is {span('mlp', 'normalized')} (−1/2 predicted)",
+        f"({over('llama', 'embedding')} of Kosson's, exponent {span('llama', 'embedding')})",
+        f"({over('llama', 'linear')} at β1 0 / 0.5 / 0.9)",
+        f"scales as lr^({span('llama', 'linear')}), not",
+        f"({min(head):.2f}-{max(head):.2f} of Kosson's, exponent {span('llama', 'output')})",
+    ]
+
+
+KINDS_TRACKING = {
+    ("mlp", "normalized"): "exactly normalized MLP layers",
+    ("llama", "embedding"): "micro Llama token embedding",
+    ("llama", "linear"): "micro Llama block linears",
+    ("llama", "output"): "micro Llama output head",
+}
+
+
+def tracking_quotes() -> list[str]:
+    """docs/tracking.md's results section: the settled Adam forms (adamc_vs_adamw.json, all 9 settled runs) and the
+    beta1 / lr measurement (adam_steady_state.json)."""
+    forms = load("adamc_vs_adamw")["adam_forms"]
+    names = forms["runs"]
+    per = lambda pick: [v for n in names for p, v in _settled(n).items() if pick(p)]  # noqa: E731
+    means = forms["measured_over_predicted"]
+    rows = [
+        f"| block linears (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) | {pm(means['adam']['linear'], 2)} | "
+        f"**{pm(means['kosson']['linear'], 2)}** | qkv {_span(per(lambda p: 'qkv' in p))}, proj "
+        f"{_span(per(lambda p: 'proj' in p))}, fc1/fc2 {_span(per(lambda p: 'fc1' in p or 'fc2' in p))} |",
+        f"| token embedding | {pm(means['adam']['embedding'], 2)} | {pm(means['kosson']['embedding'], 2)} | "
+        f"{_span(per(lambda p: p.startswith('tok_embeddings')))} |",
+        f"| output head | {pm(means['adam']['output'], 2)} | {pm(means['kosson']['output'], 2)} | "
+        f"{_span(per(lambda p: p.startswith('output')))} |",
+    ]
+    adam = load("adam_steady_state")
+    rows += [f"| {KINDS_TRACKING[key]} | {_over_kosson(*key)} | {_exponents(*key)} |" for key in KINDS_TRACKING]
+    emb = [c["over_kosson"] for c in adam["constants"]["llama"]["embedding"].values()]
+    return rows + [f"the embedding at {min(emb):.2f}-{max(emb):.2f}"]
+
+
 # ------------------------------------------------------------------------------------------------ registry + test
 
 TABLES: dict[str, list[Callable[[], list[str]]]] = {
@@ -609,6 +665,8 @@ QUOTES: dict[str, list[Callable[[], list[str]]]] = {
     "results_adamc_vs_adamw.md": [avw_quotes],
     "results_steady_state.md": [steady_quotes],
     "results_adamc_at_best.md": [at_best_quotes],
+    "results_adam_steady_state.md": [adam_quotes],
+    "tracking.md": [tracking_quotes],
 }
 
 
