@@ -2,18 +2,23 @@
 # Both set up .venv first (launch/setup.sh is idempotent).
 SHELL := /bin/bash
 VENV := .venv/bin
+# The venv's tools first (its ninja builds DeepSpeed's ops; another ninja on PATH would rebuild them: jit_locks.py).
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 RUN_DIR ?= runs/llama_tiny
 
-.PHONY: setup train test lint bench gpu-wheels
+.PHONY: setup setup-test train test test-fast lint bench gpu-wheels
 setup:
-	@bash launch/setup.sh
+	@bash launch/setup.sh train
+
+setup-test:
+	@bash launch/setup.sh test
 
 train: setup
 	$(VENV)/megatron-adamc train --config configs/train/llama_tiny.yaml --output-dir $(RUN_DIR)
 
-test: setup
+test: setup-test
 	$(VENV)/ruff check . && $(VENV)/ruff format --check .
-	$(VENV)/python -m pytest -q
+	$(VENV)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(VENV)/python benchmarks/optimizer_step.py

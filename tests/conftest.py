@@ -122,8 +122,21 @@ def _marked_processes() -> dict[int, str]:
     return found
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from megatron_adamc.train.jit_locks import clear_stale_locks, use_interpreter_ninja
+
+    use_interpreter_ninja()  # every process below builds and checks DeepSpeed's ops with the venv's ninja
+    clear_stale_locks()  # a build lock a killed process left would hang every DeepSpeed op load below
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import signal
+
+    runs = sys.modules.get("trainer_runs")
+    if runs is not None:  # the trainer runs' fork server ends with the session, not as a leftover
+        runs.close_fork_server()
+    if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
+        return  # the xdist controller: each worker cleans up after its own tests (the workers carry this mark)
 
     leftovers = _marked_processes()
     for pid in leftovers:

@@ -18,11 +18,17 @@ SETS = ["checkpoint.interval=2", "checkpoint.keep=2", "eval.interval=3", "tracki
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[tuple[int, float]]:
-    """An uninterrupted run's losses."""
-    out = tmp_path_factory.mktemp("reference") / "run"
+def finished(tmp_path_factory) -> Path:
+    """An uninterrupted 6-step run, holding step_4 and step_6: the reference, and what each corruption test copies."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     run(train_cmd(out, *SETS, steps=STEPS))
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(finished) -> list[tuple[int, float]]:
+    """The uninterrupted run's losses."""
+    return losses(finished)
 
 
 def pointer(out: Path) -> str:
@@ -76,14 +82,6 @@ def _flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte changed: only the checksum sees it
     path.write_bytes(bytes(data))
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 6-step run holding step_4 and step_6, copied by each corruption test."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    run(train_cmd(out, *SETS, steps=STEPS))
-    return out
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))

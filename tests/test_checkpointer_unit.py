@@ -62,21 +62,31 @@ def test_verified_checkpoint_for_tools(tmp_path) -> None:
         verified_checkpoint(tmp_path / "empty")
 
 
-def test_a_stale_jit_lock_is_named_while_waiting(tmp_path, monkeypatch, capsys) -> None:
+def test_a_killed_builds_jit_lock_is_removed_and_a_live_builds_is_named(tmp_path, monkeypatch, capsys) -> None:
     import os
+    import subprocess
     import time
 
     from megatron_adamc.train.jit_locks import watch_for_stale_locks
 
-    lock = tmp_path / "py311_cpu" / "fused_adam" / "lock"
-    lock.parent.mkdir(parents=True)
-    lock.write_text("")
-    os.utime(lock, (time.time() - 600, time.time() - 600))  # left by a build killed ten minutes ago
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    with watch_for_stale_locks(patience_s=0.05):
-        time.sleep(0.5)  # an op load that does not come back
+    stale, live = tmp_path / "py311_cpu" / "fused_adam" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+        os.utime(lock, (time.time() - 600, time.time() - 600))  # ten minutes old
+    builder = subprocess.Popen(["sleep", "30"], cwd=live.parent)  # what a running ninja build looks like
+    try:
+        with watch_for_stale_locks(patience_s=0.05):
+            time.sleep(0.5)  # an op load that does not come back
+    finally:
+        builder.kill()
+        builder.wait()
     err = capsys.readouterr().err
-    assert f"still waiting for {lock}" in err and "delete that file to continue" in err
+    assert not stale.exists() and f"removed {stale}: a JIT build lock left by a killed process" in err
+    assert live.exists() and f"still waiting for {live}" in err and "delete that file to continue" in err
+    assert f"still waiting for {stale}" not in err
+    live.unlink()
     with watch_for_stale_locks(patience_s=0.05):
         pass  # a load that returns in time says nothing
     assert capsys.readouterr().err == ""

@@ -48,7 +48,7 @@ print(json.dumps({{"outcome": outcome, "state": getattr(hook, "state", None)}}))
 @pytest.fixture(scope="module")
 def venvs(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    return {kind: installed_venv(base / f"autoload-{kind}", kind) for kind in KINDS}
+    return {kind: installed_venv(base / f"autoload-{kind}", kind, scratch=base) for kind in KINDS}
 
 
 def run_python(venv, code: str, **env: str) -> str:
@@ -156,8 +156,8 @@ def test_pep_829_start_file_names_install(venvs):
     assert pkgutil.resolve_name(entries[0]) is autoload.install
 
 
-def test_uninstall_removes_the_startup_files(tmp_path):
-    venv = installed_venv(tmp_path / "uninstall", "wheel")
+def test_uninstall_removes_the_startup_files(tmp_path, tmp_path_factory):
+    venv = installed_venv(tmp_path / "uninstall", "wheel", scratch=tmp_path_factory.getbasetemp())
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", venv_python(venv), "uninstall", "-y", "-q", "megatron-adamc"],
         check=True,

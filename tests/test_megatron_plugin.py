@@ -1,8 +1,9 @@
-"""The Megatron-LM plugin: its --adamc flag, @file arguments, config files, and its one-line error without Megatron-LM.
+"""Megatron-LM with AdamC: its flags and the start-up checks, @file arguments, config files, the wrapper's one-line
+errors, and, against real Megatron-LM checkouts, unmodified scripts through the start-up hook.
 
-Megatron-LM is not on the package index, so the tests that drive its real argument parser and scheduler builder
-run only where ``MEGATRON_LM_PATH`` points at a checkout whose requirements are installed (the GPU image);
-everything else runs on any machine.
+Megatron-LM is not on the package index, so the tests that drive its real scripts and parser run only where
+``MEGATRON_LM_PATH`` points at a checkout whose requirements are installed (here: core_v0.16.1 with ``triton`` and
+``six``; the GPU image); everything else runs on any machine (the hook itself: tests/test_megatron_hook.py).
 """
 
 from __future__ import annotations
@@ -13,20 +14,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from megatron_adamc.megatron.megatron_lm import MEGATRON_LM_PATH_ENV, MEGATRON_LM_TAG, is_checkout
-from megatron_adamc.megatron.pretrain_gpt import (
-    DECOUPLED_WEIGHT_DECAY_TAG,
-    WEIGHT_DECAY_TAG,
-    PluginError,
-    add_adamc_args,
-    chain_extra_args_providers,
-    expand_arg_files,
-    weight_decay_scalars,
-    with_adamc_flag,
-)
+from megatron_adamc.core.decay import AdamCError
+from megatron_adamc.megatron.flags import add_adamc_args, validate
+from megatron_adamc.megatron.groups import canonical_name, parse_exclude, pattern_matches
+from megatron_adamc.megatron.megatron_lm import MEGATRON_LM_PATH_ENV, MEGATRON_LM_TAG, PluginError, is_checkout
+from megatron_adamc.megatron.plugin import DECOUPLED_WEIGHT_DECAY_TAG, WEIGHT_DECAY_TAG, weight_decay_scalars
+from megatron_adamc.megatron.pretrain_gpt import expand_arg_files
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "megatron").glob("*.args"))
@@ -39,40 +36,67 @@ def megatron_style_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_adamc_flag_through_extra_args_provider() -> None:
+def test_adamc_flags_in_megatrons_parser() -> None:
     parser = add_adamc_args(megatron_style_parser())
-    assert parser.parse_args([]).adamc is False
+    defaults = parser.parse_args([])
+    assert (defaults.adamc, defaults.adamc_exclude, defaults.adamc_track_interval) == (False, "output_layer", 0)
     assert parser.parse_args(["--lr", "3e-4", "--adamc"]).adamc is True
     assert parser.parse_args(["--adamc", "--no-adamc"]).adamc is False  # a config file's --adamc, overridden
     with pytest.raises(SystemExit):  # allow_abbrev=False, as Megatron: no silent prefix matching
         parser.parse_args(["--adam"])
-    # A release that passes our provider to two entry points must not break on a duplicate flag.
-    assert add_adamc_args(parser).parse_args(["--adamc"]).adamc is True
+    assert add_adamc_args(parser) is parser  # a second call (two entry points) adds nothing and does not break
 
 
-def test_chained_provider_keeps_megatron_lms_own_flags() -> None:
-    def modelopt_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--export-te-mcore-model", action="store_true")
-        return parser
+def megatron_args(**changes) -> SimpleNamespace:
+    args = dict(
+        adamc=True, adamc_exclude="output_layer", adamc_track_interval=0, weight_decay=0.1, lr=1e-3, min_lr=1e-5,
+        lr_warmup_init=0.0, lr_warmup_iters=10, lr_warmup_samples=0, lr_warmup_fraction=None,
+        lr_decay_style="cosine", decoupled_lr=None, decoupled_min_lr=None,
+    )  # fmt: skip
+    args.update(changes)
+    return SimpleNamespace(**args)
 
-    parser = chain_extra_args_providers(modelopt_flags)(megatron_style_parser())
-    args = parser.parse_args(["--export-te-mcore-model", "--adamc"])
-    assert args.export_te_mcore_model and args.adamc
-    assert chain_extra_args_providers(None)(megatron_style_parser()).parse_args(["--adamc"]).adamc
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"optimizer_cuda_graph": True}, "--adamc with --optimizer-cuda-graph"),
+        ({"lr_warmup_init": 2e-3}, "--lr 0.001 is the peak of its param groups but --lr-warmup-init 0.002"),
+        ({"decoupled_lr": 1e-4, "lr_warmup_init": 5e-4}, "--decoupled-lr 0.0001 is .* --lr-warmup-init 0.0005"),
+        ({"decoupled_lr": 3e-3, "decoupled_min_lr": 4e-3}, "--decoupled-lr 0.003 is the peak .* its min lr 0.004"),
+        ({"min_lr": 2e-3, "lr_warmup_iters": 0}, "--lr 0.001 is the peak .* its min lr 0.002"),
+        ({"adamc_exclude": "output_layer,.x"}, "--adamc-exclude '.x' is not a module path or glob"),
+        ({"adamc_track_interval": -1}, "--adamc-track-interval must be >= 0"),
+    ],
+)
+def test_what_would_be_silently_wrong_is_refused_after_parsing(changes: dict, message: str) -> None:
+    with pytest.raises(AdamCError, match=message):
+        validate(megatron_args(**changes))
 
 
-def test_wrapped_entry_point_gets_the_flag_however_it_is_called() -> None:
-    # The shape of Megatron-LM's parse_args / pretrain: the provider is an optional keyword-or-positional argument.
-    def parse_args(extra_args_provider=None, ignore_unknown_args: bool = False, argv: tuple = ()) -> argparse.Namespace:
-        parser = megatron_style_parser()
-        if extra_args_provider is not None:
-            parser = extra_args_provider(parser)
-        return parser.parse_known_args(argv)[0] if ignore_unknown_args else parser.parse_args(argv)
+def test_fine_settings_pass_and_plain_runs_are_not_checked() -> None:
+    args = megatron_args(adamc_exclude=" output_layer , embedding ", decoupled_lr=3e-3, lr_warmup_init=1e-4)
+    validate(args)
+    assert args.adamc_exclude == "output_layer,embedding"
+    validate(megatron_args(adamc=False, optimizer_cuda_graph=True, lr_warmup_init=1.0))  # not AdamC's business
+    validate(megatron_args(lr_decay_style="constant", min_lr=2e-3, lr_warmup_iters=0))  # never reaches min_lr
 
-    wrapped = with_adamc_flag(parse_args)
-    assert wrapped(argv=["--adamc"]).adamc is True
-    assert wrapped(None, False, ["--adamc"]).adamc is True
-    assert wrapped(extra_args_provider=None, argv=[]).adamc is False
+
+def test_exclusion_patterns() -> None:
+    assert parse_exclude("output_layer,embedding") == ("output_layer", "embedding")
+    assert parse_exclude(["output_layer", "embedding,output_layer"]) == ("output_layer", "embedding")
+    assert parse_exclude("none") == parse_exclude("") == parse_exclude([]) == ()
+    assert parse_exclude(None) == ("output_layer",)
+    assert pattern_matches("output_layer", "output_layer.weight")
+    assert pattern_matches("embedding", "embedding.word_embeddings.weight")
+    assert not pattern_matches("embedding", "decoder.layers.0.self_attention.linear_qkv.weight")
+    assert not pattern_matches("output", "output_layer.weight")  # whole module names, not prefixes
+    assert pattern_matches("layers.1", "decoder.layers.1.mlp.linear_fc1.weight")
+    assert not pattern_matches("layers.1", "decoder.layers.11.mlp.linear_fc1.weight")
+    assert pattern_matches("*.linear_fc2.weight", "decoder.layers.3.mlp.linear_fc2.weight")
+    tied = SimpleNamespace(shared_embedding=True)  # the last pipeline stage's copy of a tied embedding
+    assert canonical_name("module.module.output_layer.weight", tied) == "embedding.word_embeddings.weight"
+    assert canonical_name("module.output_layer.weight") == "output_layer.weight"
 
 
 def test_logged_weight_decay_picks_the_default_and_the_decoupled_group() -> None:
@@ -156,20 +180,24 @@ def test_missing_arg_file_is_one_line(tmp_path: Path) -> None:
 
 # ------------------------------------------------ with a real Megatron-LM checkout (MEGATRON_LM_PATH)
 
-# One process (Megatron-LM takes ~30 s to import): its own parser, global args and TensorBoard writer, its own
-# get_optimizer_param_scheduler (patched). The training loop is stood in for by its two scheduler-facing lines:
+needs_megatron_lm = pytest.mark.skipif(
+    not (MEGATRON_LM and is_checkout(Path(MEGATRON_LM))),
+    reason=f"set {MEGATRON_LM_PATH_ENV} to a Megatron-LM checkout (git clone --branch {MEGATRON_LM_TAG})",
+)
+
+# One process (Megatron-LM takes ~20 s to import): its own parser, global args and TensorBoard writer, its own
+# get_optimizer_param_scheduler, all patched by the start-up hook on the first import of megatron.training (no
+# megatron-adamc import before it). The training loop is stood in for by its two scheduler-facing lines:
 # args.curr_iteration = i; scheduler.step(global_batch_size). The plain run goes first, into the same writer.
 REAL_MEGATRON_SCRIPT = r"""
 import json, sys
 root, out, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.path.insert(0, root)
 import torch
-from megatron_adamc.megatron.pretrain_gpt import expand_arg_files, install
-install()
-import megatron.training.arguments as arguments
+import megatron.training.arguments as arguments  # the hook fires here
 import megatron.training.training as training
 from megatron.training import global_vars
-
+from megatron_adamc.megatron.pretrain_gpt import expand_arg_files
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
         "--train-iters", "30", "--lr", "1e-3", "--min-lr", "1e-5", "--lr-warmup-iters", "5",
@@ -187,8 +215,8 @@ def optimizer():
 
 result = {"runs": {}, "configs": {}}
 for mode in ("plain", "adamc"):
-    sys.argv = ["pretrain_gpt.py", *TINY, *(["--adamc"] if mode == "adamc" else [])]
-    args = arguments.parse_args()  # the wrapped one: our provider is chained in
+    sys.argv = ["pretrain_gpt.py", *TINY, *(["--adamc", "--adamc-exclude", "none"] if mode == "adamc" else [])]
+    args = arguments.parse_args()  # Megatron-LM's own, unchanged: the hook patched add_megatron_arguments
     args.start_weight_decay = args.end_weight_decay = args.weight_decay  # what validate_args does (needs CUDA)
     global_vars.set_args(args)
     if global_vars.get_tensorboard_writer() is None:
@@ -240,6 +268,7 @@ def test_megatron_lm_builds_adamc_with_its_own_arguments_and_logs_lambda_t(real_
     run = real_megatron["runs"]["adamc"]
     assert run["adamc"] is True and "AdamCParamScheduler" in run["mro"]
     assert run["state"].pop("adamc") is True
+    assert run["state"].pop("adamc_history") == [["adamc", 0]]
     assert run["state"] == run["stock_state"]  # the same arguments as Megatron-LM's own builder
     expected_log: dict[int, float] = {}
     for iteration, groups in enumerate(run["steps"], start=1):
@@ -259,6 +288,7 @@ def test_megatron_lm_without_the_flag_stays_plain(real_megatron: dict) -> None:
     run = real_megatron["runs"]["plain"]
     assert run["adamc"] is False and run["mro"][0] == "PlainParamScheduler"
     assert run["state"].pop("adamc") is False
+    assert run["state"].pop("adamc_history") == [["plain", 0]]
     assert run["state"] == run["stock_state"]
     for groups in run["steps"]:
         for lr, stock_lr, wd, stock_wd, _ in groups:
@@ -267,3 +297,95 @@ def test_megatron_lm_without_the_flag_stays_plain(real_megatron: dict) -> None:
 
 def test_config_files_parse_with_megatron_lms_parser(real_megatron: dict) -> None:
     assert real_megatron["configs"] == {str(config): [True, True, True, "hybrid"] for config in CONFIGS}
+
+
+# Unmodified Megatron-LM scripts, run as a user runs them (python pretrain_gpt.py ...), in this environment whose
+# installed megatron-adamc carries the start-up hook. core_v0.16.1's initialize_megatron asserts CUDA before it
+# parses: the launcher below fakes that one check, so the run parses and validates Megatron's arguments (printing
+# them) and stops later, at the real CUDA/NCCL work.
+FAKE_FIRST_CUDA_CHECK = """
+import runpy, sys, torch
+torch.cuda.is_available = lambda: True
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+TINY_FLAGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+    "--micro-batch-size 2 --global-batch-size 4 --train-iters 30 --lr 1e-3 --min-lr 1e-5 --lr-warmup-iters 5 "
+    "--lr-decay-style cosine --weight-decay 0.1 --mock-data --tokenizer-type NullTokenizer --vocab-size 128"
+).split()
+UNTOUCHED = """
+import json, sys
+import megatron.training.arguments as arguments
+hook = sys.modules.get("megatron_adamc.autoload")
+print(json.dumps({"patched": hasattr(arguments.add_megatron_arguments, "adamc_original"),
+                  "hook": getattr(hook, "state", None)}))
+sys.argv = ["pretrain_gpt.py", "--adamc"]
+arguments.parse_args()
+"""
+
+
+@pytest.fixture(scope="module")
+def real_scripts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
+    if not (MEGATRON_LM and is_checkout(Path(MEGATRON_LM))):
+        pytest.skip(f"set {MEGATRON_LM_PATH_ENV} to a Megatron-LM checkout (git clone --branch {MEGATRON_LM_TAG})")
+    out = tmp_path_factory.mktemp("megatron_scripts")
+    launcher = out / "fake_first_cuda_check.py"
+    launcher.write_text(FAKE_FIRST_CUDA_CHECK)
+    root = Path(MEGATRON_LM)
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEGATRON_ADAMC_AUTOLOAD")}
+    env.update(PYTHONPATH=str(root), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    python, gpt, mamba = sys.executable, str(root / "pretrain_gpt.py"), str(root / "pretrain_mamba.py")
+    runs = {
+        "gpt": ([python, str(launcher), gpt, *TINY_FLAGS, "--adamc", "--adamc-exclude", "output_layer,embedding"], {}),
+        "gpt_typo": ([python, str(launcher), gpt, *TINY_FLAGS, "--adamcc"], {}),
+        "mamba": ([python, str(launcher), mamba, *TINY_FLAGS, "--adamc"], {}),
+        "dash_S": ([python, "-S", "-c", UNTOUCHED], {"PYTHONPATH": os.pathsep.join([*site, str(root)])}),
+        "off": ([python, "-c", UNTOUCHED], {"MEGATRON_ADAMC_AUTOLOAD": "0"}),
+    }
+    procs = {
+        name: subprocess.Popen(cmd, cwd=out, env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        for name, (cmd, extra) in runs.items()
+    }  # fmt: skip
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return results
+
+
+def printed_args(stdout: str) -> dict[str, str]:
+    """Megatron-LM's own listing of its parsed arguments (validate_args prints it on rank 0)."""
+    out = {}
+    for line in stdout.splitlines():
+        name, dots, value = line.strip().partition(" ...")
+        if dots:
+            out[name] = value.lstrip(". ")
+    return out
+
+
+def test_unmodified_pretrain_gpt_accepts_adamc_through_megatrons_parser(real_scripts: dict) -> None:
+    run = real_scripts["gpt"]
+    args = printed_args(run.stdout)
+    assert args["adamc"] == "True" and args["adamc_exclude"] == "output_layer,embedding", run.stderr[-2000:]
+    assert run.returncode != 0 and "NCCL" in run.stderr  # stopped at the real distributed/CUDA work, not at parsing
+
+
+def test_unmodified_pretrain_mamba_accepts_adamc(real_scripts: dict) -> None:
+    run = real_scripts["mamba"]
+    assert printed_args(run.stdout)["adamc"] == "True", run.stderr[-2000:]
+
+
+def test_a_misspelled_flag_is_still_rejected_by_megatrons_parser(real_scripts: dict) -> None:
+    run = real_scripts["gpt_typo"]
+    assert run.returncode == 2 and "pretrain_gpt.py: error: unrecognized arguments: --adamcc" in run.stderr
+
+
+@pytest.mark.parametrize("mode, hook", [("dash_S", None), ("off", "off")])
+def test_python_dash_s_and_switched_off_leave_megatron_lm_untouched(real_scripts: dict, mode: str, hook) -> None:
+    run = real_scripts[mode]
+    assert json.loads(run.stdout.strip().splitlines()[0]) == {"patched": False, "hook": hook}, run.stderr[-2000:]
+    assert run.returncode == 2 and "unrecognized arguments: --adamc" in run.stderr

@@ -1,132 +1,45 @@
 """AdamCParamScheduler against megatron-core's own OptimizerParamScheduler (the release installed here).
 
-Part 1 runs 2 gloo ranks (torch.multiprocessing spawn) that build a tiny megatron-core GPTModel on the CPU, take
-their param groups from megatron-core's ``_get_param_groups`` (a decoupled-lr embedding/output group and wd_mult 0
-norm groups) and step AdamC and the stock scheduler side by side for each decay style. Part 2 checks checkpoints
-in-process: round trips through torch.save, plain -> AdamC, AdamC -> plain, and the resume flags.
+Part 1 runs 2 gloo ranks (tests/workers/megatron_parity_worker.py) that build a tiny megatron-core GPTModel on the
+CPU, take their param groups from megatron-core's ``_get_param_groups`` (a decoupled-lr embedding/output group and
+wd_mult 0 norm groups; with ``--adamc-exclude`` the excluded groups) and step AdamC and the stock scheduler side by side
+for each decay style, then resume through Megatron's own group matching. Part 2 checks checkpoints in-process: round
+trips through torch.save, plain -> AdamC, AdamC -> plain, the resume flags, and what is refused at start-up.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from workers.megatron_parity_worker import (
+    CASES,
+    COMMON,
+    DECOUPLED_LR,
+    DECOUPLED_MIN_LR,
+    GLOBAL_BATCH,
+    LR,
+    MIN_LR,
+    WD,
+    scheduler_args,
+)
+from workers.megatron_parity_worker import run as parity_rank
+from workers.megatron_ranks import run_ranks
 
 from megatron_adamc.core.decay import AdamCError
-from megatron_adamc.megatron import ADAMC_STATE_KEY, AdamCParamScheduler, PlainParamScheduler
+from megatron_adamc.megatron import ADAMC_STATE_KEY, HISTORY_STATE_KEY, AdamCParamScheduler, PlainParamScheduler
 
-LR, MIN_LR, DECOUPLED_LR, DECOUPLED_MIN_LR, WD = 1e-3, 1e-5, 3e-3, 3e-5, 0.1
-GLOBAL_BATCH = 4  # Megatron counts scheduler steps in samples: one iteration = increment of the global batch
-ITERATIONS = 50  # 200 samples: past lr_decay_steps, so the min_lr tail is covered too
 REL_TOL = 1e-12
-
-# Scheduler arguments per case, in samples. Every case warms up; one also ramps lambda itself (weight_decay_incr).
-COMMON = dict(init_lr=0.0, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=20, lr_decay_steps=160)
-CASES: dict[str, dict] = {
-    "cosine": dict(COMMON, lr_decay_style="cosine"),
-    "linear": dict(COMMON, lr_decay_style="linear"),
-    "WSD": dict(COMMON, lr_decay_style="WSD", wsd_decay_steps=60, lr_wsd_decay_style="cosine"),
-    "WSD-minus-sqrt": dict(COMMON, lr_decay_style="WSD", wsd_decay_steps=60, lr_wsd_decay_style="minus_sqrt"),
-    "inverse-square-root": dict(COMMON, lr_decay_style="inverse-square-root"),
-    "cosine-init-lr": dict(COMMON, init_lr=1e-5, lr_decay_style="cosine"),
-    "cosine-wd-incr-linear": dict(
-        COMMON, lr_decay_style="cosine", start_wd=0.02, end_wd=WD, wd_incr_steps=120, wd_incr_style="linear"
-    ),
-}
-
-
-def scheduler_args(case: str) -> dict:
-    args = {"start_wd": WD, "end_wd": WD, "wd_incr_steps": ITERATIONS * GLOBAL_BATCH, "wd_incr_style": "constant"}
-    args.update(CASES[case])
-    return args
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def megatron_param_groups() -> list[dict]:
-    """megatron-core's own groups for a tiny GPTModel built on the CPU (needs model parallel initialized)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides
-    from megatron.core.transformer import TransformerConfig
-
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-    )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=64,
-        max_sequence_length=16,
-        share_embeddings_and_output_weights=False,
-    )
-    optimizer_config = OptimizerConfig(
-        lr=LR, min_lr=MIN_LR, weight_decay=WD, decoupled_lr=DECOUPLED_LR, decoupled_min_lr=DECOUPLED_MIN_LR
-    )
-    # The overrides Megatron-LM's training passes: wd_mult 0 for biases and 1-D tensors, decoupled embedding/output lr.
-    return _get_param_groups([model], optimizer_config, get_standard_config_overrides(optimizer_config))
-
-
-def adamw(groups: list[dict]) -> torch.optim.AdamW:
-    # What megatron-core builds when neither TE nor apex is installed; each optimizer gets its own group dicts.
-    return torch.optim.AdamW([dict(group) for group in groups], lr=LR, weight_decay=WD)
-
-
-def parity_worker(rank: int, port: int, out_dir: str) -> None:
-    """Steps AdamC and the stock scheduler on twin optimizers; saves every step's lr and weight decay per group."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    groups = megatron_param_groups()
-    results = {}
-    for case in CASES:
-        adamc_opt, plain_opt = adamw(groups), adamw(groups)
-        adamc = AdamCParamScheduler(adamc_opt, **scheduler_args(case))
-        plain = OptimizerParamScheduler(plain_opt, **scheduler_args(case))
-        steps = []
-        for iteration in range(ITERATIONS + 1):
-            if iteration:  # iteration 0 records what the constructors' step(0) wrote
-                adamc.step(GLOBAL_BATCH)
-                plain.step(GLOBAL_BATCH)
-            steps.append(
-                [
-                    (a["lr"], p["lr"], a["weight_decay"], p["weight_decay"])
-                    for a, p in zip(adamc_opt.param_groups, plain_opt.param_groups, strict=True)
-                ]
-            )
-        results[case] = steps
-    meta = [
-        {"max_lr": g["max_lr"], "wd_mult": g["wd_mult"], "numel": sum(p.numel() for p in g["params"])} for g in groups
-    ]
-    torch.save({"meta": meta, "results": results}, f"{out_dir}/rank{rank}.pt")
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("megatron_parity")
-    mp.spawn(parity_worker, args=(free_port(), str(out_dir)), nprocs=2, join=True)
+    run_ranks(parity_rank, 2, str(out_dir))
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
 
 
@@ -145,7 +58,7 @@ def test_weight_decay_follows_lr_over_peak_and_lr_is_untouched(parity: list[dict
     assert parity[1]["results"][case] == parity[0]["results"][case], "the two ranks disagree"
     smallest_ratio = 1.0
     for iteration, groups in enumerate(parity[0]["results"][case]):
-        for index, (lr, plain_lr, wd, plain_wd) in enumerate(groups):
+        for index, (lr, wd, plain_lr, plain_wd) in enumerate(groups):
             assert lr == plain_lr, f"{case} iteration {iteration} group {index}: lr differs from the parent's"
             peak = meta[index]["max_lr"]
             expected = plain_wd * plain_lr / peak  # plain_wd is megatron's get_wd(group) * wd_mult
@@ -170,8 +83,73 @@ def test_warmup_and_tail_values_against_the_closed_form(parity: list[dict]) -> N
         floor = MIN_LR if peak == LR else DECOUPLED_MIN_LR
         for iteration in range(warmup_iterations + 1):
             fraction = iteration / warmup_iterations
-            assert math.isclose(steps[iteration][index][2], WD * fraction, rel_tol=REL_TOL, abs_tol=1e-300)
-        assert math.isclose(steps[-1][index][2], WD * floor / peak, rel_tol=REL_TOL)
+            assert math.isclose(steps[iteration][index][1], WD * fraction, rel_tol=REL_TOL, abs_tol=1e-300)
+        assert math.isclose(steps[-1][index][1], WD * floor / peak, rel_tol=REL_TOL)
+
+
+def test_excluded_groups_keep_the_plain_decay(parity: list[dict]) -> None:
+    excluded = parity[0]["excluded"]
+    meta = excluded["meta"]
+    flags = {(g["max_lr"], g["wd_mult"], g["adamc"]) for g in meta if g["numel"]}
+    # The output layer is in a group of its own (decoupled lr, marked adamc False); the embedding stays corrected.
+    assert (DECOUPLED_LR, 1.0, False) in flags and (DECOUPLED_LR, 1.0, True) in flags and (LR, 1.0, True) in flags
+    for adamc_step, plain_step in zip(excluded["adamc"], excluded["plain"], strict=True):
+        for group, (lr, wd), (plain_lr, plain_wd) in zip(meta, adamc_step, plain_step, strict=True):
+            assert lr == plain_lr
+            expected = plain_wd if not group["adamc"] else plain_wd * plain_lr / group["max_lr"]
+            assert math.isclose(wd, expected, rel_tol=REL_TOL, abs_tol=0.0)
+
+
+def test_an_exclusion_matching_nothing_is_named(parity: list[dict]) -> None:
+    for rank in parity:
+        assert rank["typo_error"].startswith("--adamc-exclude outptu_layer matched no parameter")
+
+
+def test_an_exclusion_counts_when_another_pipeline_stage_matched_it(parity: list[dict]) -> None:
+    assert parity[0]["pipeline"]["matched_here"] == [] and parity[1]["pipeline"]["matched_here"] == ["output_layer"]
+    # megatron-core aligns the groups over the ranks: the first stage also has the (empty) excluded group.
+    for rank in parity:
+        assert any(not g["adamc"] for g in rank["pipeline"]["meta"])
+
+
+def test_resume_through_megatrons_group_matching(parity: list[dict]) -> None:
+    """A resume with --lr doubled. megatron-core 0.16.1: the optimizer checkpoint's groups (matched by wd_mult,
+    lr_mult, is_expert_parallel, is_decoupled_lr) replace the new ones, max_lr included, so
+    --override-opt-param-scheduler moves the scheduler's own max_lr but not the groups': the lr continues the saved
+    schedule, and AdamC's peak with it. 0.19 and main match by max_lr and min_lr too: the changed --lr finds no saved
+    group and Megatron refuses the load (its own error)."""
+    matches_by_peak = "max_lr" in parity[0]["identifier_keys"]
+    for mode in ("override", "checkpoint", "override_excluded"):
+        run = parity[0]["resumed"][mode]
+        if matches_by_peak:
+            assert run["error"].startswith("ValueError: Could not find parameter group with key"), run
+            continue
+        assert run["scheduler_max_lr"] == (2 * LR if mode != "checkpoint" else LR)
+        decayed = [i for i, mult in enumerate(run["wd_mult"]) if mult]
+        assert [run["max_lr"][i] for i in decayed] == [LR] * len(decayed)  # the new peak (2 LR) never arrives
+        assert len(decayed) == (2 if mode == "override_excluded" else 1)
+        for step, reference in zip(run["steps"], run["uninterrupted"], strict=True):
+            assert step == reference  # exactly the uninterrupted run's lr and decay
+            for index in decayed:
+                lr, wd = step[index]
+                expected = WD if not run["adamc"][index] else WD * lr / LR
+                assert math.isclose(wd, expected, rel_tol=REL_TOL)
+        assert run["history"] == [["adamc", 0]]
+
+
+def test_look_alike_groups_load_by_position(parity: list[dict]) -> None:
+    # Megatron's own matching gives the excluded group and its look-alike ONE dict (torch's load then fails on the
+    # sizes); groups.install_positional_group_matching pairs them by position, and the run resumed exactly.
+    run = parity[0]["resumed"]["same_lr_excluded"]
+    assert run["megatron_aliases_groups"] is True
+    assert run["steps"] == run["uninterrupted"]
+
+
+def test_exclusion_flags_survive_the_group_swap_of_a_load(parity: list[dict]) -> None:
+    run = parity[0]["resumed"]["same_lr_excluded"]
+    # A load hands the groups the saved dicts (a look-alike's flag included); the scheduler stamps the flags it read
+    # when it was built back before every step.
+    assert run["adamc"] == run["built"] and False in run["built"]
 
 
 # ---------------------------------------------------------------- checkpoints (in-process, no process group)
@@ -252,7 +230,11 @@ def test_plain_checkpoint_into_adamc_is_logged_and_corrected_at_once(
     save(tmp_path / "plain.pt", plain)
     with caplog.at_level(logging.WARNING, logger="megatron_adamc"):
         adamc = resume(tmp_path / "plain.pt", AdamCParamScheduler)
-    assert any("plain OptimizerParamScheduler checkpoint" in r.getMessage() for r in caplog.records)
+    steps = 12 * GLOBAL_BATCH
+    assert any(f"plain (AdamW-decay) OptimizerParamScheduler checkpoint at scheduler step {steps}" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    # Recorded in every later checkpoint: plain from 0, AdamC from this step on.
+    assert adamc.state_dict()[HISTORY_STATE_KEY] == [["plain", 0], ["adamc", steps]]
     # Right after the load the groups already hold lambda_t, and the run continues exactly like an AdamC run.
     reference = make(AdamCParamScheduler, make_optimizer())
     run(reference, 12)
@@ -335,3 +317,39 @@ def test_zero_peak_with_decay_is_refused() -> None:
     optimizer.param_groups[0]["max_lr"] = 0.0
     with pytest.raises(AdamCError, match=r"max_lr of param group 0 must be a number > 0"):
         make(AdamCParamScheduler, optimizer)
+
+
+def test_a_peak_exceeded_later_in_the_schedule_is_refused_at_start_up() -> None:
+    # decoupled_min_lr above the decoupled peak: the warmup is fine; the lr would pass the peak after it, mid-run.
+    optimizer = make_optimizer()
+    optimizer.param_groups[1]["min_lr"] = 2 * DECOUPLED_LR
+    with pytest.raises(AdamCError, match=r"max_lr of param group 1 is 0.003 but its schedule reaches 0.006 at min_lr"):
+        make(AdamCParamScheduler, optimizer)
+    # The same group excluded from the correction (plain decay) is no concern of AdamC's.
+    optimizer = make_optimizer()
+    optimizer.param_groups[1].update(min_lr=2 * DECOUPLED_LR, adamc=False)
+    make(AdamCParamScheduler, optimizer)
+    # A constant schedule never reaches its min_lr.
+    optimizer = make_optimizer()
+    optimizer.param_groups[1]["min_lr"] = 2 * DECOUPLED_LR
+    make(AdamCParamScheduler, optimizer, lr_decay_style="constant")
+
+
+def test_a_cuda_graph_captured_optimizer_is_refused() -> None:
+    optimizer = make_optimizer()
+    for group in optimizer.param_groups:
+        group["capturable"] = True  # what --optimizer-cuda-graph makes of TE's FusedAdam (megatron-core 0.18+)
+    with pytest.raises(AdamCError, match=r"param group 0 belongs to a CUDA-graph-captured optimizer"):
+        make(AdamCParamScheduler, optimizer)
+    make(OptimizerParamScheduler, make_optimizer())  # plain AdamW decay is constant: nothing freezes
+
+
+def test_an_adamc_checkpoint_resumed_plain_is_recorded(tmp_path: Path) -> None:
+    adamc = make(AdamCParamScheduler, make_optimizer())
+    run(adamc, 5)
+    save(tmp_path / "a.pt", adamc)
+    plain = resume(tmp_path / "a.pt", PlainParamScheduler)
+    run(plain, 5)
+    save(tmp_path / "b.pt", plain)
+    again = resume(tmp_path / "b.pt", AdamCParamScheduler)
+    assert again.state_dict()[HISTORY_STATE_KEY] == [["adamc", 0], ["plain", 20], ["adamc", 40]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,15 +41,11 @@ def test_checkout_paths_are_links_into_the_package(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The package built into a wheel from a copy of the sources and installed into a bare target directory."""
+    from workers.autoload_venv import project_wheel
+
     tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    shutil.copytree(PACKAGE, src / "megatron_adamc", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copytree(REPO / "build_backend", src / "build_backend", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
-        shutil.copy(REPO / name, src / name)
+    wheel = project_wheel("wheel", tmp_path_factory.getbasetemp())  # the one the start-up hook's tests install
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp)], check=True)
-    (wheel,) = tmp.glob("megatron_adamc-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [f for f in shipped_files() if f not in names]
     assert not missing, f"not in the wheel: {missing}"

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cli_runs import cli
 from conftest import REPO, subprocess_env
 from trainer_runs import error_lines, losses, run, snapshot, train_cmd
 
@@ -133,7 +134,8 @@ def test_mistyped_deepspeed_key_is_refused(tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     before = snapshot(out)
-    proc = run(train_cmd(out, f"train.deepspeed={ds}", steps=4), check=False)
+    cmd = train_cmd(out, f"train.deepspeed={ds}", steps=4)
+    proc = cli(*cmd[cmd.index("train") :])  # refused before any process group: in this process
     assert proc.returncode == 2
     (line,) = error_lines(proc)
     assert "unknown top-level key 'zero_optimisation' (did you mean 'zero_optimization'?)" in line

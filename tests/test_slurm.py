@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runs import cli
 from conftest import SMALL_TRAIN_SETS
 
 from megatron_adamc.metrics_file import MetricsFile
@@ -45,7 +46,8 @@ def job_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, "PYTHONPATH": pythonpath, **extra}
 
 
-def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli_process(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command in a fresh interpreter, for what reaches a real cluster (sbatch reads the environment)."""
     return subprocess.run(
         [sys.executable, "-c", CLI, *argv], env=env or job_env(), cwd=REPO, capture_output=True, text=True
     )
@@ -200,7 +202,7 @@ def submit(cluster, config: Path, out: Path, sets: list[str], **env: str) -> int
     """Submit through `megatron-adamc slurm submit` (not a dry run) on 2 nodes x 1 CPU process."""
     argv = ["slurm", "submit", "--config", str(config), "--nodes", "2", "--nproc-per-node", "1"]
     argv += ["--output-dir", str(out), *[a for kv in sets for a in ("--set", kv)]]
-    proc = cli(*argv, env={**job_env(**env), **{"SLURM_CONF": str(cluster.conf)}})
+    proc = cli_process(*argv, env={**job_env(**env), **{"SLURM_CONF": str(cluster.conf)}})
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"Submitted batch job (\d+)", proc.stdout)
     assert match, proc.stdout

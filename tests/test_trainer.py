@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trainer_runs as runs
+from cli_runs import cli
 from conftest import SMALL_CORPUS_DIR
 from trainer_runs import losses, run
 
@@ -54,23 +55,27 @@ def test_run_directory_contents(tmp_path, data_cache):
 
 
 @pytest.mark.parametrize(
-    ("sets", "message"),
+    ("sets", "message", "in_process"),
     [
-        (["train.stepz=3"], "config: train.stepz: unknown key"),
-        (["optimizer.type=Adam"], "optimizer.type: Input should be 'AdamC' or 'AdamW'"),
+        (["train.stepz=3"], "config: train.stepz: unknown key", True),
+        (["optimizer.type=Adam"], "optimizer.type: Input should be 'AdamC' or 'AdamW'", True),
         (["data.default_corpus=false", "data.train=/nonexistent/prefix", "data.tokenizer=/nonexistent.model"],
-         "data.train"),
-        (["train.seq_len=4096"], "train.seq_len=4096 is above the model's max_seq_len=256"),
-        (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's 512 tokens"),
-        (["train.deepspeed=configs/deepspeed/missing.json"], "train.deepspeed=configs/deepspeed/missing.json: no such"),
+         "data.train", True),
+        (["train.seq_len=4096"], "train.seq_len=4096 is above the model's max_seq_len=256", True),
+        # known only once the tokenizer is built, after the process group: a real trainer process
+        (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's 512 tokens", False),
+        (["train.deepspeed=configs/deepspeed/missing.json"], "train.deepspeed=configs/deepspeed/missing.json: no such",
+         True),
     ],
 )  # fmt: skip
-def test_bad_input_one_line_and_run_dir_untouched(tmp_path, data_cache, sets, message):
+def test_bad_input_one_line_and_run_dir_untouched(tmp_path, data_cache, sets, message, in_process):
+    """Checks that end before any process group run in this process (``cli``), the same code path as the command."""
     out = tmp_path / "existing"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = run(train_cmd(out, data_cache, *sets), check=False)
+    cmd = train_cmd(out, data_cache, *sets)
+    proc = cli(*cmd[cmd.index("train") :]) if in_process else run(cmd, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "megatron-adamc train: error:" in line]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
@@ -81,7 +86,8 @@ def test_bad_input_one_line_and_run_dir_untouched(tmp_path, data_cache, sets, me
 def test_deepspeed_json_contradiction(tmp_path, data_cache):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1}}))
-    proc = run(train_cmd(tmp_path / "run", data_cache, f"train.deepspeed={bad}"), check=False)
+    cmd = train_cmd(tmp_path / "run", data_cache, f"train.deepspeed={bad}")
+    proc = cli(*cmd[cmd.index("train") :])
     assert proc.returncode == 2
     assert "train_micro_batch_size_per_gpu=16 contradicts train.micro_batch_size=2" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -15,6 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_adamc.extras import require
     from megatron_adamc.train.trainer import train_from_config
+
+    require("deepspeed", "train", "megatron-adamc train (the DeepSpeed trainer)")
+    require("megatron.core", "train", "megatron-adamc train (its megatron-core datasets)")
 
     return train_from_config(args.config, args.output_dir, args.overrides)

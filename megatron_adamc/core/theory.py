@@ -98,15 +98,16 @@ def matched_adamw_decay(lrs: Sequence[float], adamc_weight_decay: float, lr_max:
 
 
 def layer_type(name: str) -> str:
-    """One of LAYER_TYPES for a parameter name of the project's Llama (``layers.3.mlp.fc2.weight`` -> linear)."""
+    """One of LAYER_TYPES for a parameter name of the project's Llama (``layers.3.mlp.fc2.weight`` -> linear) or of
+    Megatron's GPT (``decoder.layers.3.mlp.linear_fc2.weight``, ``output_layer.weight``)."""
     parts = name.split(".")
     leaf = parts[-2] if len(parts) > 1 else parts[0]
-    if "norm" in leaf:
+    if "norm" in leaf or "norm" in parts[-1]:
         return "norm"
     if "embed" in name:
         return "embedding"
-    if parts[0] in ("output", "lm_head"):
+    if parts[0] in ("output", "output_layer", "lm_head"):
         return "output"
-    if parts[0] == "layers" and parts[-1] == "weight":
+    if "layers" in parts[:-1] and parts[-1] == "weight":
         return "linear"
     return "other"

@@ -25,6 +25,7 @@ from megatron_adamc.deepspeed.decay_split import PARAM as DECAY_SPLIT_PARAM
 from megatron_adamc.deepspeed.decay_split import decay_split_mode, per_caller_group, split_param_groups
 from megatron_adamc.deepspeed.peak_lr import resolve_lr_max
 from megatron_adamc.deepspeed.step_paths import refuse_unsupported_step_paths
+from megatron_adamc.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def _build_adamc(engine: Any, model_parameters: Any) -> Any:
 
 def register() -> None:
     """Idempotent: after it, ``"type": "AdamC"`` is a DeepSpeed optimizer type."""
+    require("deepspeed", "deepspeed", "megatron_adamc.deepspeed.register()")
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.engine import DeepSpeedEngine
 

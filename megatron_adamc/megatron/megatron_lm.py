@@ -20,6 +20,11 @@ HOW_TO_GET = (
 )
 
 
+class PluginError(RuntimeError):
+    """Megatron-LM cannot take the plugin (not importable, or a release without the names it patches): one line,
+    exit code 2."""
+
+
 class MegatronLMNotFound(RuntimeError):
     """Megatron-LM is missing or the path given is not a checkout; the message is one line with the fix."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from megatron_adamc.core import fp8
-from megatron_adamc.core.norms import unclip_factor
+from megatron_adamc.core.norms import slice_sums, unclip_factor, update_sums
 from megatron_adamc.tracking.layout import Layout
 
 # Columns of the per-parameter sums.
@@ -108,12 +108,8 @@ class MasterStats:
                 self._snapshots[id(param)] = (param, w.clone())
         if not weights:
             return
-        # Every slice of this call at once: two multi-tensor norms (one fused kernel each on a GPU) and the dots.
-        norms = torch.stack([torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))], 1)
-        dots = torch.stack([torch.dot(w, g) for w, g in zip(weights, grads, strict=True)])
-        block = torch.cat(
-            [norms.to(self.device, torch.float64).square(), dots.to(self.device, torch.float64)[:, None]], 1
-        )
+        # Every slice of this call at once (core.norms.slice_sums, shared with the Megatron tracker).
+        block = slice_sums(weights, grads).to(self.device)
         block[:, G2] *= f * f
         block[:, WG] *= f
         self.sums[:, :3].index_add_(0, torch.cat(rows), block)
@@ -158,7 +154,7 @@ class MasterStats:
                 rows.append(layout.row_tensor(self.device))
         if not diffs:
             return
-        columns = [torch.stack(torch._foreach_norm(diffs)).to(self.device, torch.float64).square()[:, None]]
+        columns = [update_sums(diffs).to(self.device)[:, None]]
         if counts:
             columns.append(torch.cat(counts).to(self.device, torch.float64))
         values = torch.cat(columns, 1)

@@ -18,12 +18,7 @@ from torch import nn
 from megatron_adamc.core import fp8
 from megatron_adamc.core.adamc import ENABLED_KEY, LR_MAX_KEY
 from megatron_adamc.core.fp8 import AmaxHistory
-from megatron_adamc.core.norms import cosine, norm, ratio, rms
-from megatron_adamc.core.theory import (
-    adam_normalized_update_ratio,
-    kosson_normalized_update_ratio,
-    sgd_grad_weight_ratio,
-)
+from megatron_adamc.core.norms import norm, parameter_metrics, predicted_forms, ratio, rms
 from megatron_adamc.tracking import master as columns
 from megatron_adamc.tracking.activations import ActivationStats
 from megatron_adamc.tracking.config import TrackingConfig
@@ -81,12 +76,14 @@ class Tracker:
         self._armed = False
 
     # ---------------------------------------------------------------- interface
-    def should_track(self, step: int) -> bool:
-        return self.config.enabled and (step % self.config.interval == 0 or self._force_next)
+    def should_track(self, step: int, last: bool = False) -> bool:
+        """Every ``tracking.interval`` steps, the run's last step (the end of a schedule is where AdamC and AdamW
+        part), and the step after a gradient-norm spike (to name the layers)."""
+        return self.config.enabled and (last or step % self.config.interval == 0 or self._force_next)
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, last: bool = False) -> None:
         """Before the first forward of optimizer step ``step``: arm the hooks if this step is tracked."""
-        if not self.should_track(step):
+        if not self.should_track(step, last):
             return
         self._stage0_norm = None
         self.master.weight_scales = [h.scale() for h in self.weight_amax]
@@ -234,14 +231,8 @@ class Tracker:
         for row, name in enumerate(self.names):
             w2, g2, wg, u2, changed, stale = table[row]
             totals = [a + b for a, b in zip(totals, table[row], strict=True)]
-            w, g, u = norm(w2), norm(g2), norm(u2)
-            metrics[f"weight_norm/{name}"] = w
-            metrics[f"grad_norm/{name}"] = g
-            metrics[f"update_norm/{name}"] = u
-            metrics[f"grad_weight_ratio/{name}"] = ratio(g, w)
-            metrics[f"update_weight_ratio/{name}"] = ratio(u, w)
-            metrics[f"cos_weight_grad/{name}"] = cosine(wg, w2, g2)
-            metrics.update(self._predicted(row, name, ratio(u, w)))
+            metrics.update(parameter_metrics(name, w2, g2, wg, u2))
+            metrics.update(self._predicted(row, name, ratio(norm(u2), norm(w2))))
             if self.master.lp_dtype is not None and self.config.low_precision and changed > 0:
                 metrics[f"bf16_stale_frac/{name}"] = stale / changed
             if self.config.low_precision:
@@ -283,14 +274,12 @@ class Tracker:
         lr = self.master.step_lrs[index]
         if weight_decay <= 0 or lr <= 0:
             return {}
-        lr_max = group.get(LR_MAX_KEY) if group.get(ENABLED_KEY, False) else None
-        if "betas" not in group:
-            return {f"predicted_ratio/{name}": sgd_grad_weight_ratio(weight_decay, lr, lr_max)}
-        beta1 = float(group["betas"][0])
+        corrected = bool(group.get(ENABLED_KEY, False))
+        lr_max = group.get(LR_MAX_KEY) if corrected else None
+        beta1 = float(group["betas"][0]) if "betas" in group else None
         return {
-            f"normalized_update_ratio/{name}": update_ratio / lr,
-            f"predicted_adam_ratio/{name}": adam_normalized_update_ratio(weight_decay, lr, lr_max),
-            f"predicted_kosson_ratio/{name}": kosson_normalized_update_ratio(weight_decay, lr, beta1, lr_max),
+            f"adamc_corrected/{name}": float(corrected),
+            **predicted_forms(name, update_ratio, weight_decay, lr, lr_max, beta1),
         }
 
     def _activation_metrics(self, values: list[float], max_values: list[float]) -> dict[str, float]:

@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 from megatron_adamc.errors import CheckpointError
 from megatron_adamc.train import manifest
+from megatron_adamc.train.component import due
+from megatron_adamc.train.state import TrainerState
 
 TAG_PREFIX = "step_"
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -92,7 +94,7 @@ class Candidate:
     tag: str
     step: int
     path: Path
-    state: dict[str, Any]
+    state: TrainerState
 
 
 class Checkpointer:
@@ -104,7 +106,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ decisions
     def should_save(self, step: int, last_step: bool) -> bool:
-        return last_step or step % self.config.interval == 0
+        return due(step, self.config.interval, last_step)
 
     # ------------------------------------------------------------------ listing
     def step_dirs(self) -> list[tuple[int, Path]]:
@@ -135,7 +137,8 @@ class Checkpointer:
             reason, state = self._verify(path), None
             if reason is None:
                 try:
-                    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+                    saved = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+                    state = TrainerState.from_state_dict(saved)
                     local = None
                 except Exception as err:  # noqa: BLE001 - any unreadable state disqualifies the candidate
                     local = f"{TRAINER_STATE} unreadable ({type(err).__name__}: {err})"

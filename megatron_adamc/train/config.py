@@ -44,6 +44,11 @@ class OptimizerSection(_Section):
     eps: float = Field(1e-8, gt=0)
     lr_max: float | None = Field(None, gt=0, description="AdamC's lr_max; default: optimizer.lr, the schedule's peak")
     exclude_embeddings_from_decay: bool = False
+    adamc_exclude: list[str] = Field(
+        default_factory=list,
+        description="module paths or globs whose params keep AdamW's plain decay under AdamC (their group gets "
+        "adamc: false), e.g. ['output']: Defazio 2025 leaves the output layer uncorrected; [] corrects every group",
+    )
     torch_adam: bool = False
 
     @model_validator(mode="after")

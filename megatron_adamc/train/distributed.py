@@ -44,6 +44,8 @@ def init_distributed() -> DistEnv:
     if not dist.is_initialized():
         import deepspeed
 
+        if not cuda and int(os.environ["WORLD_SIZE"]) == 1:
+            skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     # Nodes as torchrun numbers them (GROUP_RANK = node rank), counted over all ranks.
@@ -51,6 +53,14 @@ def init_distributed() -> DistEnv:
     nodes: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, len(set(nodes)), device, backend)
+
+
+def skip_shm_comm_op() -> None:
+    """One CPU rank has nothing to reduce: spare it DeepSpeed's shared-memory all-reduce op, which DeepSpeed's CPU
+    backend otherwise JIT-compiles at its first start (~1 min on 2 cores) and checks at every later one."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def all_mean(values: list[float], env: DistEnv) -> list[float]:

@@ -1,4 +1,4 @@
-"""Validation loss: when to evaluate (``eval.interval`` and the last step) and the pass itself.
+"""Validation loss (``eval.*``): when to evaluate (every ``eval.interval`` steps and at the last) and the pass.
 
 By default a pass is ``eval.batches`` micro batches of the validation dataset, which megatron-core samples with the
 run's seed. ``eval.full_split`` evaluates every token of the split instead, in windows cut from its documents in
@@ -13,28 +13,32 @@ from typing import Any
 import torch
 
 from megatron_adamc.data.sampler import batch_indices, collate
+from megatron_adamc.metrics_file import VAL_LOSS
+from megatron_adamc.train.component import Component, due
 from megatron_adamc.train.distributed import DistEnv, all_mean
 
 
-class Evaluator:
-    def __init__(self, config: Any, micro_batch_size: int, dataset: Any, env: DistEnv) -> None:
+class Evaluator(Component):
+    def __init__(self, config: Any, micro_batch_size: int, dataset: Any, env: DistEnv, engine: Any) -> None:
         self.config = config  # the eval section
         self.micro_batch_size = micro_batch_size
         self.dataset = dataset
         self.env = env
+        self.engine = engine
         self._windows: torch.Tensor | None = None
 
-    def should_evaluate(self, step: int, last_step: bool) -> bool:
-        return last_step or step % self.config.interval == 0
+    def end_step(self, step: int, last: bool, record: dict[str, Any]) -> None:
+        if due(step, self.config.interval, last):
+            record[VAL_LOSS] = self.evaluate()
 
     @torch.no_grad()
-    def evaluate(self, engine: Any) -> float:
+    def evaluate(self) -> float:
         """Mean cross-entropy over ``eval.batches`` micro batches per rank (the same batches at every evaluation)."""
         if self.dataset is None:
             return math.nan
-        if getattr(self.config, "full_split", False):
-            return self._evaluate_full_split(engine)
-        env, mb = self.env, self.micro_batch_size
+        if self.config.full_split:
+            return self._evaluate_full_split()
+        env, mb, engine = self.env, self.micro_batch_size, self.engine
         engine.eval()
         losses = []
         for i in range(self.config.batches):
@@ -46,11 +50,11 @@ class Evaluator:
         return all_mean([sum(losses) / len(losses)], env)[0]
 
     @torch.no_grad()
-    def _evaluate_full_split(self, engine: Any) -> float:
+    def _evaluate_full_split(self) -> float:
         """Token-weighted mean cross-entropy over every window of the split, the windows dealt out over the ranks."""
         if self._windows is None:
             self._windows = split_windows(self.dataset)
-        env, mb = self.env, self.micro_batch_size
+        env, mb, engine = self.env, self.micro_batch_size, self.engine
         mine = self._windows[env.rank :: env.world_size]
         engine.eval()
         total = 0.0

@@ -1,5 +1,9 @@
-"""Where a run's numbers go: ``metrics.jsonl`` (rows and events, through ``MetricsFile``), TensorBoard, W&B when
-enabled, and a progress bar with loss, tokens/s and the ETA. Only rank 0 writes; every rank may call."""
+"""Where a run's numbers go, and the device numbers that join them.
+
+``MetricsLogger`` writes ``metrics.jsonl`` (rows and events, through ``MetricsFile``), TensorBoard, W&B when enabled,
+and a progress bar with loss, tokens/s and the ETA; only rank 0 writes, every rank may call. ``DeviceStats`` adds the
+model FLOPs utilization and the peak memory of each step on a GPU.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,41 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from megatron_adamc.metrics_file import MetricsFile
+from megatron_adamc.metrics_file import LOSS, MFU, PEAK_MEMORY_GB, TOKENS_PER_S, VAL_LOSS, MetricsFile
 from megatron_adamc.tracking.sinks import write_tensorboard
+from megatron_adamc.train.component import Component, due
+
+# Dense bf16 peak FLOP/s per GPU, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
-class MetricsLogger:
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class DeviceStats(Component):
+    """MFU (model FLOPs per token x tokens/s over the world's peak) and the step's peak memory, on a GPU."""
+
+    def __init__(self, flops_per_token: float, env: Any) -> None:
+        self.flops_per_token = flops_per_token
+        self.env = env
+        self.peak = peak_flops(env.device)
+
+    def end_step(self, step: int, last: bool, record: dict[str, Any]) -> None:
+        if self.peak is not None:
+            record[MFU] = self.flops_per_token * record[TOKENS_PER_S] / (self.peak * self.env.world_size)
+        if self.env.device.type == "cuda":
+            record[PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated(self.env.device) / 1e9
+            torch.cuda.reset_peak_memory_stats(self.env.device)
+
+
+class MetricsLogger(Component):
     def __init__(self, run_dir: Path, config: Any, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self.interval = config.logging.interval
@@ -45,8 +77,11 @@ class MetricsLogger:
         if torn:
             self.write(f"metrics.jsonl: dropped {torn} torn line(s) left by a crash mid-write")
 
-    def should_log(self, step: int, last_step: bool) -> bool:
-        return last_step or step % self.interval == 0
+    def end_step(self, step: int, last: bool, record: dict[str, Any]) -> None:
+        """Write the row every ``logging.interval`` steps, at the last and at evaluations; move the bar."""
+        if due(step, self.interval, last) or VAL_LOSS in record:
+            self.log(record)
+        self.progress(step, record[LOSS], record[TOKENS_PER_S])
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -108,3 +108,23 @@ def append_run_info(run_dir: Path, header: dict[str, Any], invocation: dict[str,
             invocations = []  # unreadable: a crash mid-write cannot happen (atomic), so this is a foreign file
     info = {**header, "invocations": [*invocations, invocation]}
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+def run_header(config: Any, ds_config: dict[str, Any], num_params: int) -> dict[str, Any]:
+    """run.json's description of the run, refreshed by every invocation."""
+    from megatron_adamc.train.deepspeed_config import precision, zero_stage
+
+    return {
+        "config": config.model_dump(mode="json"), "deepspeed": ds_config, "zero_stage": zero_stage(ds_config),
+        "precision": precision(ds_config), "num_params": num_params,
+    }  # fmt: skip
+
+
+def invocation_info(env: Any, resumed_from: str | None, start_step: int, changes: list) -> dict[str, Any]:
+    """run.json's entry for this invocation: where, on what, from where, and what changed."""
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "world_size": env.world_size,
+        "num_nodes": env.num_nodes, "device": str(env.device), "backend": env.backend, "resumed_from": resumed_from,
+        "start_step": start_step, "changes": [[k, old, new] for k, old, new in changes],
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "git_commit": git_commit(), "versions": versions(),
+    }  # fmt: skip

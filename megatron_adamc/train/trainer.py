@@ -1,11 +1,14 @@
 """The Llama pretraining loop on DeepSpeed: what ``megatron-adamc train`` runs.
 
-``Trainer.build`` validates everything a user can get wrong before touching the run directory, then builds each
-component from its own config section: the checkpointer (``checkpoint.*``: when to save, crash-safe saves, verified
-resume), the evaluator (``eval.*``), the metrics logger (``logging.*``), the divergence guard and the lr schedule
-(``train.*``, ``scheduler.*``), the tracker (``tracking.*``). ``train()`` runs the loop and ``train_step()`` one
-optimizer step. The data position is one integer (consumed samples) and the RNG states are saved per rank, so a
-resumed run repeats an uninterrupted one exactly; on another world size it continues through a universal checkpoint.
+``Trainer.build`` validates everything a user can get wrong before touching the run directory (``preflight``), takes
+the run directory's lock, finds the checkpoint to resume from, then builds each component from its own config section:
+the checkpointer (``checkpoint.*``), the evaluator (``eval.*``), the metrics logger (``logging.*``), the divergence
+guard and the lr schedule (``train.*``, ``scheduler.*``), the norm tracker (``tracking.*``). A run that is already
+complete is answered before anything is built. ``train()`` runs the loop, ``train_step()`` one optimizer step; the
+components hook into the loop through one interface (``component.Component``). What a resume needs beside DeepSpeed's
+checkpoint is one typed record (``state.TrainerState``): the data position is one integer (consumed samples) and
+the RNG states are saved per rank, so a resumed run repeats an uninterrupted one exactly; on another world size it
+continues through a universal checkpoint.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +27,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_adamc.data.loader import BatchLoader
-from megatron_adamc.errors import DivergenceError, RunLockedError, UserError
+from megatron_adamc.errors import DivergenceError, MegatronAdamCError, UserError
 from megatron_adamc.metrics_file import (
     DATA_WAIT_S,
     GRAD_NORM,
     LOSS,
     LR,
-    MFU,
-    PEAK_MEMORY_GB,
     SKIPPED_STEPS,
     STEP,
     STEP_TIME_S,
@@ -42,7 +43,6 @@ from megatron_adamc.metrics_file import (
 )  # fmt: skip
 from megatron_adamc.train import universal
 from megatron_adamc.train.build import (
-    base_optimizer,
     build_data,
     build_engine,
     build_model,
@@ -50,29 +50,22 @@ from megatron_adamc.train.build import (
     parallelize,
 )  # fmt: skip
 from megatron_adamc.train.checkpointer import Candidate, Checkpointer
+from megatron_adamc.train.component import Component
 from megatron_adamc.train.config import TrainConfig
 from megatron_adamc.train.deepspeed_config import precision, zero_stage
 from megatron_adamc.train.distributed import DistEnv, all_mean, init_distributed
 from megatron_adamc.train.evaluator import Evaluator
 from megatron_adamc.train.guard import DivergenceGuard, poison
 from megatron_adamc.train.jit_locks import watch_for_stale_locks
-from megatron_adamc.train.metrics import MetricsLogger
+from megatron_adamc.train.metrics import DeviceStats, MetricsLogger
 from megatron_adamc.train.preemption import PreemptionHandler
 from megatron_adamc.train.preflight import preflight
 from megatron_adamc.train.resume import ResumePlan, plan_resume, run_identity
-from megatron_adamc.train.run_dir import RunLock, append_run_info, git_commit, versions
+from megatron_adamc.train.run_dir import RunLock, append_run_info, invocation_info, run_header
 from megatron_adamc.train.schedule import LRSchedule
+from megatron_adamc.train.state import TrainerState
 
-# Dense bf16 peak FLOP/s per GPU, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, env: DistEnv) -> float | None:
-    if env.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(env.device)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return None if peak is None else flops_per_token * tokens_per_s / (peak * env.world_size)
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -82,18 +75,51 @@ class StepResult:
     lr: float
     bad_reason: str | None
     data_wait_s: float
-    record: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class CompletedRun:
+    """What ``build`` returns for a run directory whose newest checkpoint is at or past ``train.steps``."""
+
+    step: int
+    steps: int
+    lock: RunLock
+    log: Log
+
+    def train(self) -> dict[str, Any]:
+        self.log(f"run already complete at step {self.step} (train.steps={self.steps}); nothing to do")
+        self.lock.release()
+        return {"step": self.step}
+
+
+@dataclass(eq=False)
 class Trainer:
     """Build with ``Trainer.build(config, run_dir)``; ``train()`` returns a summary dict."""
 
-    def __init__(self, **parts: Any) -> None:
-        self.__dict__.update(parts)
+    config: TrainConfig
+    run_dir: Path
+    env: DistEnv
+    lock: RunLock
+    log: Log
+    ds_config: dict[str, Any]
+    engine: Any
+    model: torch.nn.Module
+    data: Any
+    batches: BatchLoader
+    schedule: LRSchedule
+    guard: DivergenceGuard
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    components: list[Component]  # called in this order at every step; the logger last (it writes the row)
+    tracking: Component | None  # the norm tracker's hook among them (its state goes into TrainerState.tracker)
+    identity: dict[str, Any]
+    plan: ResumePlan
+    start_step: int = 0
+    resumed_from: str | None = None
 
     # ================================================================== build
     @classmethod
-    def build(cls, config: TrainConfig, run_dir: Path) -> Trainer:
+    def build(cls, config: TrainConfig, run_dir: Path) -> Trainer | CompletedRun:
         ds_config = preflight(config, run_dir, int(os.environ.get("WORLD_SIZE", 1)))
         with watch_for_stale_locks():  # DeepSpeed JIT-loads its communication op here
             env = init_distributed()
@@ -105,39 +131,38 @@ class Trainer:
             raise
 
     @classmethod
-    def _build_locked(cls, config: TrainConfig, run_dir: Path, ds_config: dict, env: DistEnv, lock: RunLock) -> Trainer:
+    def _build_locked(
+        cls, config: TrainConfig, run_dir: Path, ds_config: dict, env: DistEnv, lock: RunLock
+    ) -> Trainer | CompletedRun:
         log = _printer(env)
         checkpointer = Checkpointer(config.checkpoint, run_dir, log)
         candidate = checkpointer.find_resume()
         tc = config.train
-        global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
-        dump = config.model_dump(mode="json")
-        identity = run_identity(dump, global_batch, precision(ds_config), zero_stage(ds_config))
+        identity = run_identity(
+            config.model_dump(mode="json"), tc.micro_batch_size * tc.grad_accum * env.world_size,
+            precision(ds_config), zero_stage(ds_config),
+        )  # fmt: skip
         plan = ResumePlan([], tc.grad_accum, False)
         if candidate is not None:
             saved = candidate.state
-            plan = plan_resume(saved["identity"], identity, int(saved["world_size"]), env.world_size)
+            plan = plan_resume(saved.identity, identity, saved.world_size, env.world_size)
             if plan.grad_accum != tc.grad_accum:
                 config = config.model_copy(deep=True)
                 config.train.grad_accum = plan.grad_accum
                 ds_config["gradient_accumulation_steps"] = plan.grad_accum
             identity["train.grad_accum"] = plan.grad_accum
-            identity["global_batch"] = int(saved["global_batch"])
-        if candidate is not None and candidate.step >= config.train.steps:
-            return cls(config=config, run_dir=run_dir, env=env, lock=lock, log=log, done_at=candidate.step)
+            identity["global_batch"] = saved.global_batch
+            if candidate.step >= config.train.steps:
+                return CompletedRun(candidate.step, config.train.steps, lock, log)
 
-        global_batch = config.train.micro_batch_size * config.train.grad_accum * env.world_size
-        num_valid = config.eval.batches * config.train.micro_batch_size * env.world_size
-        data = build_data(config, env, config.train.steps * global_batch, num_valid)
+        tc = config.train
+        global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
+        num_valid = config.eval.batches * tc.micro_batch_size * env.world_size
+        data = build_data(config, env, tc.steps * global_batch, num_valid)
         torch.manual_seed(config.seed)
         model = build_model(config, data.tokenizer.vocab_size)
         if candidate is None and config.checkpoint.init_from:
-            from megatron_adamc.model.weights import load_weights
-
-            differences = load_weights(model, config.checkpoint.init_from)
-            log(f"initialised the model from {config.checkpoint.init_from}")
-            for name, (stored, ours) in differences.items():
-                log(f"checkpoint.init_from: the weights were trained with model.{name}={stored}, this run uses {ours}")
+            _init_from(model, config.checkpoint.init_from, log)
         load_tag = None
         if plan.world_size_changed:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -146,65 +171,37 @@ class Trainer:
         with watch_for_stale_locks():  # ... and its optimizer op here
             engine = build_engine(config, model, ds_config)
 
-        trainer = cls(
-            config=config, run_dir=run_dir, env=env, lock=lock, log=log, done_at=None, ds_config=ds_config,
-            checkpointer=checkpointer, engine=engine, model=model, data=data, identity=identity,
-            schedule=LRSchedule(config), guard=DivergenceGuard.from_config(config.train),
-            evaluator=Evaluator(config.eval, config.train.micro_batch_size, data.valid, env),
-            start_step=0, consumed=0, tracker=None, resumed_from=None, plan=plan,
-        )  # fmt: skip
+        guard = DivergenceGuard.from_config(tc)
+        state = TrainerState()
         if candidate is not None:
-            trainer._restore(candidate, load_tag)
+            state = candidate.state
+            _restore(engine, checkpointer, candidate, load_tag, config, plan, env)
+            guard.load_state_dict(state.guard)
+        components: list[Component] = [DeviceStats(model.flops_per_token(tc.seq_len), env)]
+        logger = MetricsLogger(run_dir, config, tc.steps, state.step, env.is_main)
+        tracking = None
         if config.tracking.enabled:
-            from megatron_adamc.tracking.tracker import Tracker
+            from megatron_adamc.train.tracking_hook import TrackingHook
 
-            trainer.tracker = Tracker(engine, config.tracking, model)
-            if candidate is not None and candidate.state.get("tracker"):
-                trainer.tracker.load_state_dict(candidate.state["tracker"])
-        trainer.logger = MetricsLogger(run_dir, config, config.train.steps, trainer.start_step, env.is_main)
-        trainer.batches = BatchLoader(
-            data.train, config.train.micro_batch_size, env.rank, env.world_size, trainer.consumed,
+            tracking = TrackingHook(engine, config.tracking, model, logger)
+            if state.tracker:
+                tracking.load_state_dict(state.tracker)
+            components.append(tracking)
+        components += [Evaluator(config.eval, tc.micro_batch_size, data.valid, env, engine), logger]
+        batches = BatchLoader(
+            data.train, tc.micro_batch_size, env.rank, env.world_size, state.consumed_samples,
             config.data.num_workers, config.data.prefetch_factor, env.device,
         )  # fmt: skip
-        return trainer
-
-    def _restore(self, candidate: Candidate, load_tag: str | None) -> None:
-        """Model, optimizer, data position, guard and RNG from ``candidate``; config changes applied and logged."""
-        state = candidate.state
-        same_world = not self.plan.world_size_changed
-        # What each group is (decayed or not, its name), as built: DeepSpeed 0.19.8's ZeRO-3 universal load copies
-        # group 0's hyperparameters into EVERY group, which would decay norm gains and biases from then on.
-        built = [(g["weight_decay"] > 0, g.get("name")) for g in self.engine.optimizer.param_groups]
-        self.checkpointer.load(self.engine, candidate, tag=load_tag, restore_rng=same_world)
-        # ... and hands every sub-group's state the SAME ``step`` tensor, which torch's Adam increments in place: each
-        # step would then count once per sub-group. One tensor each, as a fresh optimizer has.
-        for opt_state in base_optimizer(self.engine).state.values():
-            if isinstance(opt_state.get("step"), torch.Tensor):
-                opt_state["step"] = opt_state["step"].clone()
-        if not same_world:
-            # Rank r of the new world has no saved stream: derive every rank's seeds from (seed, step, rank).
-            seed = hash((self.config.seed, candidate.step, self.env.rank)) % 2**31
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-        self.start_step, self.consumed = int(state["step"]), int(state["consumed_samples"])
-        self.guard.load_state_dict(state.get("guard", {}))
-        self.resumed_from = candidate.tag
-        opt = self.config.optimizer
-        # The checkpoint restored the old values: the config rules (a changed weight decay takes effect, logged).
-        for group, (decayed, name) in zip(self.engine.optimizer.param_groups, built, strict=True):
-            group["weight_decay"] = opt.weight_decay if decayed else 0.0
-            group["betas"], group["eps"] = tuple(opt.betas), opt.eps
-            if name is not None:
-                group["name"] = name
+        return cls(
+            config=config, run_dir=run_dir, env=env, lock=lock, log=log, ds_config=ds_config, engine=engine,
+            model=model, data=data, batches=batches, schedule=LRSchedule(config), guard=guard,
+            checkpointer=checkpointer, logger=logger, components=components, tracking=tracking, identity=identity,
+            plan=plan,
+            start_step=state.step, resumed_from=candidate.tag if candidate is not None else None,
+        )  # fmt: skip
 
     # ================================================================== train
     def train(self) -> dict[str, Any]:
-        if self.done_at is not None:
-            steps = self.config.train.steps
-            self.log(f"run already complete at step {self.done_at} (train.steps={steps}); nothing to do")
-            self.lock.release()
-            return {"step": self.done_at}
         config, env, logger = self.config, self.env, self.logger
         tc = config.train
         self._write_run_info()
@@ -218,22 +215,21 @@ class Trainer:
             if self.plan.world_size_changed:
                 self.log("world size changed: RNG streams reseeded from (seed, step, rank); data order unchanged")
         preemption = PreemptionHandler().install()
-        flops_per_token = self.model.flops_per_token(tc.seq_len)
         result: dict[str, Any] = {"step": self.start_step}
         step = self.start_step
         try:
             for step in range(self.start_step + 1, tc.steps + 1):
                 last = step == tc.steps
                 t0 = time.perf_counter()
+                for component in self.components:
+                    component.begin_step(step, last)
                 out = self.train_step(step)
-                elapsed = time.perf_counter() - t0
-                record = self._record(step, out, elapsed, flops_per_token)
-                if self.evaluator.should_evaluate(step, last):
-                    record[VAL_LOSS] = result["val_loss"] = self.evaluator.evaluate(self.engine)
-                if logger.should_log(step, last) or VAL_LOSS in record:
-                    logger.log(record)
-                logger.progress(step, out.loss, record[TOKENS_PER_S])
+                record = self._record(step, out, time.perf_counter() - t0)
+                for component in self.components:
+                    component.end_step(step, last, record)
                 result.update(step=step, loss=out.loss)
+                if VAL_LOSS in record:
+                    result["val_loss"] = record[VAL_LOSS]
                 self._after_bad_step(step, out)
                 stop = preemption.should_stop()
                 pause = tc.stop_at_step is not None and step >= tc.stop_at_step
@@ -250,9 +246,8 @@ class Trainer:
         finally:
             preemption.restore()
             self.batches.close()
-            logger.close()
-            if self.tracker is not None:
-                self.tracker.close()
+            for component in self.components:
+                component.close()
             self.lock.release()
         if self.guard.consecutive_bad and not (result.get("preempted") or result.get("paused")):
             raise DivergenceError(
@@ -269,8 +264,6 @@ class Trainer:
         """One optimizer step: ``grad_accum`` micro batches, the update (or its skip), the step's numbers."""
         engine, tc = self.engine, self.config.train
         lr = self.schedule.apply(engine.optimizer.param_groups, step)
-        if self.tracker is not None:
-            self.tracker.begin_step(step)
         engine.train()
         skipped_before = engine.skipped_steps
         losses: list[torch.Tensor] = []
@@ -297,29 +290,16 @@ class Trainer:
         return StepResult(mean_loss, grad_norm, lr, reason, wait)
 
     # ================================================================== helpers
-    def _record(self, step: int, out: StepResult, elapsed: float, flops_per_token: float) -> dict[str, Any]:
+    def _record(self, step: int, out: StepResult, elapsed: float) -> dict[str, Any]:
+        """The step's metrics row, before the components add theirs."""
         import megatron_adamc.deepspeed as mad
 
-        tc = self.config.train
-        tokens_per_step = tc.micro_batch_size * tc.grad_accum * self.env.world_size * tc.seq_len
-        record: dict[str, Any] = {
-            STEP: step, TOKENS: self.batches.consumed_samples * tc.seq_len, LOSS: out.loss, LR: out.lr,
-            WEIGHT_DECAY: mad.applied_weight_decay(self.engine.optimizer.param_groups), GRAD_NORM: out.grad_norm,
-            TOKENS_PER_S: tokens_per_step / elapsed, STEP_TIME_S: elapsed, DATA_WAIT_S: out.data_wait_s,
-            SKIPPED_STEPS: self.guard.skipped_total,
+        return {
+            STEP: step, TOKENS: self.batches.consumed_samples * self.config.train.seq_len, LOSS: out.loss,
+            LR: out.lr, WEIGHT_DECAY: mad.applied_weight_decay(self.engine.optimizer.param_groups),
+            GRAD_NORM: out.grad_norm, TOKENS_PER_S: tokens_per_step(self.config, self.env) / elapsed,
+            STEP_TIME_S: elapsed, DATA_WAIT_S: out.data_wait_s, SKIPPED_STEPS: self.guard.skipped_total,
         }  # fmt: skip
-        value = mfu(flops_per_token, record[TOKENS_PER_S], self.env)
-        if value is not None:
-            record[MFU] = value
-        if self.env.device.type == "cuda":
-            record[PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated(self.env.device) / 1e9
-            torch.cuda.reset_peak_memory_stats(self.env.device)
-        if self.tracker is not None:
-            finite_loss = out.loss if math.isfinite(out.loss) else None
-            record.update(self.tracker.end_step(step, loss=finite_loss, grad_norm=out.grad_norm))
-            for event in self.tracker.pop_events():
-                self.logger.event("spike", step, **{k: v for k, v in event.items() if k not in ("event", "step")})
-        return record
 
     def _after_bad_step(self, step: int, out: StepResult) -> None:
         if out.bad_reason is None:
@@ -351,31 +331,57 @@ class Trainer:
                 f"step {step}: the optimizer state holds non-finite values, so no checkpoint was written; last good "
                 f"checkpoint: {self._last_good()}"
             )
-        state = {
-            "step": step, "consumed_samples": self.batches.consumed_samples, "world_size": self.env.world_size,
-            "global_batch": self.identity["global_batch"], "identity": self.identity,
-            "config": self.config.model_dump(mode="json"), "guard": self.guard.state_dict(),
-            "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-        }  # fmt: skip
-        self.checkpointer.save(self.engine, step, state)
+        state = TrainerState(
+            step=step, consumed_samples=self.batches.consumed_samples, world_size=self.env.world_size,
+            global_batch=self.identity["global_batch"], identity=self.identity,
+            config=self.config.model_dump(mode="json"), guard=self.guard.state_dict(),
+            tracker=self.tracking.state_dict() if self.tracking is not None else None,
+        )  # fmt: skip
+        self.checkpointer.save(self.engine, step, state.state_dict())
 
     def _write_run_info(self) -> None:
-        if not self.env.is_main:
-            return
-        env = self.env
-        header = {
-            "config": self.config.model_dump(mode="json"), "deepspeed": self.ds_config,
-            "zero_stage": zero_stage(self.ds_config), "precision": precision(self.ds_config),
-            "num_params": sum(p.numel() for p in self.model.parameters()),
-        }  # fmt: skip
-        invocation = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "world_size": env.world_size,
-            "num_nodes": env.num_nodes, "device": str(env.device), "backend": env.backend,
-            "resumed_from": self.resumed_from, "start_step": self.start_step,
-            "changes": [[k, old, new] for k, old, new in self.plan.changes],
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "git_commit": git_commit(), "versions": versions(),
-        }  # fmt: skip
-        append_run_info(self.run_dir, header, invocation)
+        if self.env.is_main:
+            header = run_header(self.config, self.ds_config, sum(p.numel() for p in self.model.parameters()))
+            invocation = invocation_info(self.env, self.resumed_from, self.start_step, self.plan.changes)
+            append_run_info(self.run_dir, header, invocation)
+
+
+def tokens_per_step(config: TrainConfig, env: DistEnv) -> int:
+    tc = config.train
+    return tc.micro_batch_size * tc.grad_accum * env.world_size * tc.seq_len
+
+
+def _init_from(model: torch.nn.Module, path: str, log: Log) -> None:
+    from megatron_adamc.model.weights import load_weights
+
+    differences = load_weights(model, path)
+    log(f"initialised the model from {path}")
+    for name, (stored, ours) in differences.items():
+        log(f"checkpoint.init_from: the weights were trained with model.{name}={stored}, this run uses {ours}")
+
+
+def _restore(
+    engine: Any, checkpointer: Checkpointer, candidate: Candidate, load_tag: str | None, config: TrainConfig,
+    plan: ResumePlan, env: DistEnv,
+) -> None:  # fmt: skip
+    """Model, optimizer and RNG from ``candidate``; the config's optimizer settings then rule (changes are logged)."""
+    same_world = not plan.world_size_changed
+    built = universal.groups_as_built(engine)
+    checkpointer.load(engine, candidate, tag=load_tag, restore_rng=same_world)
+    universal.repair_after_load(engine)
+    if not same_world:
+        # Rank r of the new world has no saved stream: derive every rank's seeds from (seed, step, rank).
+        seed = hash((config.seed, candidate.step, env.rank)) % 2**31
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    opt = config.optimizer
+    # The checkpoint restored the old values (and a ZeRO-3 universal load group 0's in every group): the config rules.
+    for group, (decayed, name) in zip(engine.optimizer.param_groups, built, strict=True):
+        group["weight_decay"] = opt.weight_decay if decayed else 0.0
+        group["betas"], group["eps"] = tuple(opt.betas), opt.eps
+        if name is not None:
+            group["name"] = name
 
 
 def train_from_config(config_path: str | Path, output_dir: str | Path, overrides: list[str]) -> int:
@@ -390,7 +396,7 @@ def train_from_config(config_path: str | Path, output_dir: str | Path, overrides
     return 0
 
 
-def _printer(env: DistEnv):
+def _printer(env: DistEnv) -> Log:
     def log(message: str) -> None:
         if env.is_main:
             print(message, flush=True)
@@ -399,21 +405,22 @@ def _printer(env: DistEnv):
 
 
 def _lock(run_dir: Path, env: DistEnv) -> RunLock:
-    """Rank 0 takes the run directory's lock; every rank learns the outcome (and raises alike)."""
+    """Rank 0 takes the run directory's lock; every rank learns the outcome and raises the same error."""
     lock = RunLock(run_dir)
-    error, note = None, None
+    error: MegatronAdamCError | None = None
+    note = None
     if env.is_main:
         try:
             note = lock.acquire()
-        except RunLockedError as err:
-            error = str(err)
+        except MegatronAdamCError as err:
+            error = err
         except OSError as err:
-            error = f"--output-dir {run_dir}: cannot write there ({err.strerror}); choose a writable path"
+            error = UserError(f"--output-dir {run_dir}: cannot write there ({err.strerror}); choose a writable path")
     box = [error, note]
     if env.world_size > 1:
         dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        raise RunLockedError(box[0]) if "in use" in box[0] else UserError(box[0])
+        raise box[0]
     if box[1] and env.is_main:
         print(box[1], flush=True)
     return lock

@@ -15,6 +15,7 @@ import contextlib
 import io
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -58,3 +59,24 @@ def convert(ckpt_dir: Path, tag: str, log=print) -> str:
     if box[0]:
         raise CheckpointError(f"{box[0]}; resume on the world size it was saved with")
     return out.name
+
+
+# DeepSpeed 0.19.8's ZeRO-3 universal load has two bugs (both worth reporting upstream), repaired around the load:
+# ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` copies param group 0's hyperparameters into EVERY group
+# (no-decay groups would be decayed from then on), and gives every sub-group's state the SAME ``step`` tensor, which
+# torch's Adam increments in place (each step would count once per sub-group).
+def groups_as_built(engine: Any) -> list[tuple[bool, str | None]]:
+    """Before a load: whether each param group is decayed, and its name, as the engine was built."""
+    return [(g["weight_decay"] > 0, g.get("name")) for g in engine.optimizer.param_groups]
+
+
+def repair_after_load(engine: Any) -> None:
+    """After a load: one ``step`` tensor per sub-group, as a fresh optimizer has. (The groups' hyperparameters are
+    rewritten from the config by the trainer, with ``groups_as_built``.)"""
+    import torch
+
+    from megatron_adamc.train.build import base_optimizer
+
+    for opt_state in base_optimizer(engine).state.values():
+        if isinstance(opt_state.get("step"), torch.Tensor):
+            opt_state["step"] = opt_state["step"].clone()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -102,6 +103,8 @@ class LocalSlurmCluster:
 ClusterName=adamc-local
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={self.ctld_port}
+# Job ids (and the rendezvous ports the scripts derive from them) apart from another cluster running on this host.
+FirstJobId={random.randrange(1000, 9000)}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -54,15 +54,28 @@ def build(kind: str, source: Path, out: Path) -> Path:
     return wheel
 
 
-def installed_venv(root: Path, kind: str) -> Path:
-    """A venv under ``root`` with megatron-adamc installed as ``kind`` ("wheel" or "editable"); built once."""
+_built: dict[str, Path] = {}  # kind -> its wheel, built once per test process
+
+
+def project_wheel(kind: str, scratch: Path) -> Path:
+    """The wheel (or editable wheel) of a copy of this checkout's sources, built once per test process."""
+    if kind not in _built or not _built[kind].is_file():
+        root = scratch / f"project-{kind}"
+        shutil.rmtree(root, ignore_errors=True)
+        source = root / "source"
+        shutil.copytree(REPO, source, ignore=_SOURCE_IGNORE)
+        _built[kind] = build(kind, source, root / "dist")
+    return _built[kind]
+
+
+def installed_venv(root: Path, kind: str, scratch: Path | None = None) -> Path:
+    """A venv under ``root`` with megatron-adamc installed as ``kind`` ("wheel" or "editable"); built once. The
+    wheel is shared by every venv of the process (built under ``scratch``, default ``root``)."""
     venv = root / f"venv-{kind}"
     if (venv / ".complete").exists():
         return venv
-    shutil.rmtree(root, ignore_errors=True)
-    source = root / "source"
-    shutil.copytree(REPO, source, ignore=_SOURCE_IGNORE)
-    wheel = build(kind, source, root / "dist")
+    shutil.rmtree(venv, ignore_errors=True)
+    wheel = project_wheel(kind, scratch or root)
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
     _run(
         [sys.executable, "-m", "pip", "--python", venv_python(venv), "install", "-q", "--no-deps", "--no-index", wheel]
