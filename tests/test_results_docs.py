@@ -123,6 +123,9 @@ def stability_quotes() -> list[str]:
     cells, runs = res["cells"], res["runs"]
     l0 = [s["initial_loss"] for c in cells.values() for s in c["per_seed"].values()]
     sens = {k: num(c["lr_sensitivity"]["mean"], 2) for k, c in cells.items()}
+    best = lambda key: f"{cells[key]['best_loss']['loss']:.2f}"  # noqa: E731
+    common = ("qk_norm@d64", "baseline@d64", "qk_norm@d128", "baseline@d128")
+    logit = lambda v, w, lr: _stab_run(v, w, lr, 0)["activations"]["max_attn_logit"]["max"]  # noqa: E731
     spread = {k: num(c["lr_sensitivity"]["std"], 2) for k, c in cells.items()}
     act = cells["baseline@d128"]["activations_at_common_lr"]["mlp.fc2"]
     steps = [c["max_stable_lr"]["spread_sqrt2_steps"] for c in cells.values()]
@@ -149,6 +152,11 @@ def stability_quotes() -> list[str]:
         f"{['one', 'two'][sum(1.9 < x < 2.1 for x in steps) - 1]}, by four in one",
         f"({sens['baseline@d64']} → {sens['qk_norm@d64']} at d 64, {sens['baseline@d128']} → {sens['qk_norm@d128']} "
         "at d 128)",
+        f"(baseline d 64: {g3(logit('baseline', 64, 0.016))} at lr 0.016, {g3(logit('baseline', 64, 0.512))} at 0.512; "
+        f"d 128: {g3(logit('baseline', 128, 0.016))} and {g3(logit('baseline', 128, 0.512))})",
+        f"QK-norm holds it at {_range([logit('qk_norm', w, 0.016) for w in (64, 128)], 2)} at 0.016 and "
+        f"{_range([logit('qk_norm', w, 0.512) for w in (64, 128)], 0)} at 0.512",
+        "({} vs {}, {} vs {})".format(*(f"{cells[k]['loss_at_common_lr']['mean']:.2f}" for k in common)),
         f"(sensitivity {sens['baseline@d64']} and {sens['baseline@d128']}",
         f"geometric mean {cells['baseline@d64']['max_stable_lr']['geomean']:.2f} and "
         f"{cells['baseline@d128']['max_stable_lr']['geomean']:.2f} at d 64 and",
@@ -160,21 +168,17 @@ def stability_quotes() -> list[str]:
         f"({sens['qk_norm_cap@d64']}) and\n  QKV-norm ({sens['qkv_norm@d64']})",
         f"lowest only at d 128 ({sens['qk_proj_fc2_norm@d128']})",
         f"({_range(method1, 1)} at lr 0.512 vs {_range(others, 1)})",
-        f"best 3.78 at d 64, 3.73 at\n  d 128 against the baseline's {cells['baseline@d64']['best_loss']['loss']:.2f}/"
-        f"{cells['baseline@d128']['best_loss']['loss']:.2f}",
-        "QK-norm's (0.45/0.54)".replace("0.45", sens["qkv_norm@d64"]).replace("0.54", sens["qkv_norm@d128"]),
-        f"({cells['qkv_norm@d64']['best_loss']['loss']:.2f} at d 64, {cells['qkv_norm@d128']['best_loss']['loss']:.2f} "
-        "at d 128 for the seed\n  mean)",
-        f"ended {cap['final_train_loss'] - res['divergence_loss']:.2f} nats above the\n  unigram level",
-        "(3.59 at d 64, 3.46 at d 128 vs 4.30/4.34)".replace(
-            "3.59", f"{cells['scaled_embed@d64']['best_loss']['loss']:.2f}"
-        ).replace("3.46", f"{cells['scaled_embed@d128']['best_loss']['loss']:.2f}"),
+        f"best {best('qk_proj_fc2_norm@d64')} at d 64, {best('qk_proj_fc2_norm@d128')} at d 128 against the "
+        f"baseline's {best('baseline@d64')}/{best('baseline@d128')}",
+        f"QK-norm's ({sens['qkv_norm@d64']}/{sens['qkv_norm@d128']})",
+        f"({best('qkv_norm@d64')} at d 64, {best('qkv_norm@d128')} at d 128 for the seed mean)",
+        f"ended {cap['final_train_loss'] - res['divergence_loss']:.2f} nats above the unigram level",
+        f"({best('scaled_embed@d64')} at d 64, {best('scaled_embed@d128')} at d 128 vs "
+        f"{best('baseline@d64')}/{best('baseline@d128')})",
         f"sensitivity ({sens['scaled_embed@d64']}/{sens['scaled_embed@d128']})",
         f"to {_range(at('scaled_embed', 64, 0.181), 1)} at lr 0.181 (d 64) and "
         f"{_range(at('scaled_embed', 128, 0.064), 1)} at lr 0.064 (d 128)",
-        "0.079 at d 64 and 0.056 at d 128".replace("0.079", f"{math.sqrt(2 / 320):.3f}").replace(
-            "0.056", f"{math.sqrt(2 / 640):.3f}"
-        ),
+        f"{math.sqrt(2 / 320):.3f} at d 64 and {math.sqrt(2 / 640):.3f} at d 128",
     ]
 
 
