@@ -77,3 +77,70 @@ def test_unknown_experiment_lists_known_names(tmp_path, capsys):
 def test_bad_set_is_one_line_exit_2(tmp_path, capsys, bad):
     assert cli.main(["experiment", "steady-state", "--output-dir", str(tmp_path), "--set", bad]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# adam-steady-state, shortened: two beta1, two lrs 4x apart, settled after sum lr*lambda = 0.5, measured over 0.5.
+ADAM = ["vocab_size=512", "max_bytes=400000", "data_cache_dir=/tmp/megatron-adamc-test-corpus", "seq_len=32"]
+ADAM += ["micro_batch_size=4", "workers=2", "beta1s=[0,0.9]", "lrs=[0.02,0.005]", "warmup_steps=2"]
+ADAM += ["settled_decay=0.5", "measured_decay=0.5", "tracking_interval=5", "mlp_lrs=[0.02,0.005]"]
+ADAM += ["mlp_weight_decay=1", "mlp_seeds=[0]"]
+
+
+@pytest.fixture(scope="module")
+def adam(tmp_path_factory):
+    from conftest import SMALL_CORPUS_DIR
+
+    out = tmp_path_factory.mktemp("adam_steady")
+    sets = [s.replace("/tmp/megatron-adamc-test-corpus", str(SMALL_CORPUS_DIR)) for s in ADAM]
+    argv = ["experiment", "adam-steady-state", "--output-dir", str(out)] + [a for kv in sets for a in ("--set", kv)]
+    assert cli.main(argv) == 0
+    assert (out / "adam_steady_state.png").stat().st_size > 10_000
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_adam_constant_is_the_settled_mean_of_the_tracked_ratios(adam):
+    """C per run and layer type is recomputed from metrics.jsonl: the rows after sum lr*lambda >= 0.5, each
+    parameter's geometric mean of measured / sqrt(2 lambda / lr), then the type's geometric mean."""
+    import math
+
+    from megatron_adamc.core.theory import layer_type
+
+    out, res = adam
+    run = next(r for r in res["runs"] if r["name"] == "beta1_0.9-lr0.005-seed0")
+    rows = [json.loads(line) for line in (out / "runs" / run["name"] / "metrics.jsonl").read_text().splitlines()]
+    total, logs = 0.0, {}
+    for row in rows:
+        total += row.get("lr", 0.0) * 2.0
+        if total >= 0.5:
+            for key, value in row.items():
+                if key.startswith("normalized_update_ratio/") and layer_type(key.split("/", 1)[1]) == "linear":
+                    name = key.split("/", 1)[1]
+                    logs.setdefault(name, []).append(math.log(value / row[f"predicted_adam_ratio/{name}"]))
+    per_param = [sum(v) / len(v) for v in logs.values()]
+    assert run["constant"]["linear"]["mean"] == pytest.approx(math.exp(sum(per_param) / len(per_param)), rel=1e-9)
+    cell = res["constants"]["llama"]["linear"]["0.9"]
+    assert cell["per_lr"]["0.005"] == pytest.approx(run["constant"]["linear"]["mean"])
+    assert cell["measured"] == pytest.approx(math.sqrt(cell["per_lr"]["0.005"] * cell["per_lr"]["0.02"]))
+    ratio = {lr: next(r for r in res["runs"] if r["name"] == f"beta1_0.9-lr{lr}-seed0")["normalized_ratio"] for lr in
+             ("0.02", "0.005")}  # fmt: skip
+    exponent = math.log(ratio["0.02"]["linear"]["mean"] / ratio["0.005"]["linear"]["mean"]) / math.log(4)
+    assert res["exponents"]["llama"]["linear"]["0.9"] == pytest.approx(exponent)
+
+
+def test_the_normalized_mlp_sits_on_kossons_constant(adam):
+    """Exactly scale-invariant layers: within 25% of sqrt((1 - beta1)/(1 + beta1)) at beta1 0 and 0.9 (4.4x apart),
+    so at 0.9 four times under Defazio's 1; the lr exponent near -1/2."""
+    _, res = adam
+    cells = res["constants"]["mlp"]["normalized"]
+    for beta1, cell in cells.items():
+        assert 0.75 < cell["measured"] / cell["kosson"] < 1.25, beta1
+    assert cells["0.9"]["measured"] < 0.3 and not cells["0.9"]["fits_defazio"]
+    for value in res["exponents"]["mlp"]["normalized"].values():
+        assert -0.65 < value < -0.35
+
+
+def test_adam_steady_state_refuses_lrs_closer_than_4x(tmp_path, capsys):
+    argv = ["experiment", "adam-steady-state", "--output-dir", str(tmp_path), "--set", "lrs=[0.01,0.004]"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "4x apart" in err

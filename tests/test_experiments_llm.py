@@ -6,8 +6,8 @@ from metrics.jsonl, the control's lambda really matches AdamC's integrated decay
 the optimizer type, a deliberately huge lr is flagged as diverged (the trainer's guard stops it with exit 3, a result
 that a rerun reuses; other exits still raise) and the ladder stops above it, the per-seed largest stable lr and
 Wortsman's sensitivity follow their definitions, runs forked two at a time give bitwise the metrics of their
-command.txt run by hand, runs started and watched from several threads each get their own exit code, a failed run
-stops the queue from starting more, and bad input is one line with exit code 2.
+command.txt run by hand, a failed run stops the pool from starting more while the one beside it finishes, Ctrl-C
+ends every run, and bad input is one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from conftest import SMALL_CORPUS_DIR
 
 import megatron_adamc.cli as cli
 from megatron_adamc.core import theory
-from megatron_adamc.experiments import _launcher as launcher
 from megatron_adamc.experiments import adamc_vs_adamw, stability
-from megatron_adamc.experiments._trainer_runs import RunQueue, RunsStopped
+from megatron_adamc.experiments._trainer_runs import Run, RunQueue
 from megatron_adamc.metrics_file import DATA_WAIT_S, STEP_TIME_S, TOKENS_PER_S
 
 DATA = ["vocab_size=512", "max_bytes=400000", f"data_cache_dir={SMALL_CORPUS_DIR}", "seq_len=32", "micro_batch_size=4"]
@@ -181,13 +180,13 @@ def test_a_diverged_run_is_reused_and_other_trainer_failures_raise(stab, capsys)
     cfg = stability.Config(**results["config"])
     queue = RunQueue(cfg, out, total_steps=60)
     name = "baseline-d64-lr30-seed1"
-    records = queue.run(name, stability.overrides(cfg, "baseline", 64, 30.0, 1), 60, 1, may_diverge=True)
+    records = queue.run(name, stability.overrides(cfg, "baseline", 64, 30.0, 1), 60, may_diverge=True)
     assert "reusing the finished run" in capsys.readouterr().out
     stopped = next(r["stopped_at_step"] for r in results["runs"] if r["name"] == name)
     assert records[-1]["step"] == queue.diverged(name)["step"] == stopped
     assert "diverged" in queue.diverged(name)["error"]
     with pytest.raises(RuntimeError, match="exited with 2: .*optimizer.lr"):
-        queue.run("bad-lr", ["optimizer.lr=-1"], 60, 1, may_diverge=True)
+        queue.run("bad-lr", ["optimizer.lr=-1"], 60, may_diverge=True)
 
 
 def test_a_forked_run_equals_its_command_run_by_hand(stab, tmp_path):
@@ -210,48 +209,61 @@ def test_a_forked_run_equals_its_command_run_by_hand(stab, tmp_path):
     assert forked == by_hand
 
 
-def test_a_failed_run_stops_the_queue_starting_more(stab, capsys):
-    """One task fails: the one running beside it finishes, no new run starts, and the failure is what is raised."""
+def test_a_failed_run_stops_the_queue_starting_more(stab, tmp_path):
+    """One run fails (exit 2) while another trains beside it: that one finishes and is recorded, its task's next run
+    never starts, and the failure is what is raised."""
     out, results = stab
     cfg = stability.Config(**{**results["config"], "workers": 2})
-    queue = RunQueue(cfg, out, total_steps=60)
-    finished = threading.Event()
+    queue = RunQueue(cfg, tmp_path, total_steps=460)
+    good = stability.overrides(cfg, "baseline", 64, 0.03, 0)
 
-    def fail() -> None:
-        raise ValueError("the first task failed")
+    def fails():
+        yield Run("bad-lr", ["optimizer.lr=-1"], 60)
 
-    def running_then_next() -> list[dict]:
-        time.sleep(1.0)  # running while the other task fails
-        finished.set()
-        return queue.run("never-started", ["optimizer.lr=0.01"], 60, 1)
+    def trains_then_next():
+        yield Run("running", good, 200)  # ~2 s: still training when the other fails, at its config check
+        yield Run("never-started", good, 200)
 
-    with pytest.raises(ValueError, match="the first task failed"):
-        queue.parallel([fail, running_then_next])
-    assert finished.is_set() and not (out / "runs" / "never-started").exists()
-    with pytest.raises(RunsStopped):
-        queue.run("never-started", ["optimizer.lr=0.01"], 60, 1)
+    with pytest.raises(RuntimeError, match="bad-lr: the trainer exited with 2: .*optimizer.lr"):
+        queue.parallel([fails(), trains_then_next()])
+    assert metrics(tmp_path, "running")[-1]["step"] == 200
+    assert (tmp_path / "runs" / "running" / "overrides.json").is_file()
+    assert not (tmp_path / "runs" / "never-started").exists()
 
 
-def test_runs_started_and_watched_from_several_threads_get_their_own_exit_codes():
-    """The run queue's threads start and poll forked runs at once. multiprocessing alone mixes them up (a start in
-    one thread polls every child, and may read another thread's exit code first: that one then reads 255, about 3
-    in 400 such exits here); the launcher must hand each run its own code."""
-    codes: dict[int, list[int | None]] = {code: [] for code in (5, 6, 7, 8)}
+def _writing_to(log: Path) -> list[int]:
+    """The processes whose stdout is ``log``: a run's pool worker and its data-loader workers."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{entry}/fd/1") == str(log):
+                pids.append(int(entry))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return pids
 
-    def starts(code: int) -> None:
-        for _ in range(60):
-            proc = launcher.fork(os._exit, (code,), dict(os.environ))
-            while proc.poll() is None:
-                time.sleep(0.001)
-            codes[code].append(proc.poll())
-            codes[code].append(launcher.fork(os._exit, (code,), dict(os.environ)).wait())
 
-    threads = [threading.Thread(target=starts, args=(code,)) for code in codes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert {code: got for code, got in codes.items() if got != [code] * 120} == {}
+def test_a_killed_run_is_named_and_not_recorded(stab, tmp_path):
+    """A run's process killed from outside (SIGKILL, as the out-of-memory killer does): the pool breaks, the error
+    names the run, and nothing records it as finished (a rerun trains it again)."""
+    out, results = stab
+    cfg = stability.Config(**results["config"])
+    queue = RunQueue(cfg, tmp_path, total_steps=2000)
+    run_dir = tmp_path / "runs" / "victim"
+
+    def kill_once_training() -> None:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in _writing_to(run_dir / "train.log"):
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_training)
+    killer.start()
+    with pytest.raises(RuntimeError, match="victim: its process ended abruptly"):
+        queue.run("victim", stability.overrides(cfg, "baseline", 64, 0.03, 0), 2000)
+    killer.join()
+    assert not (run_dir / "overrides.json").exists() and metrics(tmp_path, "victim")[-1]["step"] < 2000
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -29,7 +29,10 @@ def parse_overrides(items: list[str], model: type[BaseModel]) -> BaseModel:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"--set {where}: {first['msg']} (got {first.get('input')!r})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not where:  # a check across fields: the message names them; the input is the whole config
+            raise UserError(f"--set: {message}") from None
+        raise UserError(f"--set {where}: {message} (got {first.get('input')!r})") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ EXPERIMENTS: dict[str, str] = {
     "steady-state": "megatron_adamc.experiments.steady_state",
     "adamc-vs-adamw": "megatron_adamc.experiments.adamc_vs_adamw",
     "stability": "megatron_adamc.experiments.stability",
+    "adamc-at-best": "megatron_adamc.experiments.adamc_at_best",
+    "adam-steady-state": "megatron_adamc.experiments.adam_steady_state",
 }
 
 

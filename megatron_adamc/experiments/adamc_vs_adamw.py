@@ -17,7 +17,6 @@ comparison at one lambda cannot tell a better schedule from a smaller decay. The
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from megatron_adamc.core.theory import integrated_decay, matched_adamw_decay
-from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, mean_std, series, window_mean
+from megatron_adamc.experiments._trainer_runs import LlmConfig, Run, RunQueue, Task, mean_std, series, window_mean
 from megatron_adamc.tracking.forms import (
     by_layer_type,
     closer_form,
@@ -247,22 +246,23 @@ class _Runs:
         long = 3 * cfg.long_seeds if cfg.long_lr_wd_steps > 0 else 0
         self.total = sweep + 2 * (cfg.seeds - 1) + cfg.seeds * int(cfg.control) + long + int(cfg.equilibrium_steps > 0)
         estimate = (sweep + 2 * (cfg.seeds - 1) + cfg.seeds * int(cfg.control)) * cfg.steps + cfg.equilibrium_steps
-        self.queue = RunQueue(cfg, output_dir, total_steps=estimate + long * long_steps(cfg))
+        self.queue = RunQueue(cfg, output_dir, total_steps=estimate + long * long_steps(cfg), total_runs=self.total)
         self.curves: dict[str, list[dict[str, Any]]] = {}
         self.summaries: list[dict[str, Any]] = []
 
-    def train(self, opt: str, wd: float, seed: int, phase: str, steps: int, schedule: str = "cosine") -> dict[str, Any]:
+    def train(
+        self, opt: str, wd: float, seed: int, phase: str, steps: int, schedule: str = "cosine"
+    ) -> Task[dict[str, Any]]:
+        """The task of one run: its summary."""
         kind = "constant" if schedule == "constant" else "long" if steps != self.cfg.steps else "cosine"
         name = run_name(opt, wd, seed, kind, steps)
-        self.curves[name] = self.queue.run(name, overrides(self.cfg, opt, wd, seed, steps, schedule), steps, self.total)
+        self.curves[name] = yield Run(name, overrides(self.cfg, opt, wd, seed, steps, schedule), steps)
         return {"name": name, **summarize_run(self.cfg, self.curves[name], opt, wd, seed, phase, steps)}
 
     def batch(self, specs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """Train the runs ``specs`` (``train``'s arguments each), independent of one another, longest first."""
         order = sorted(range(len(specs)), key=lambda i: -specs[i][4])  # the longest first: the batch ends sooner
-        done = dict(
-            zip(order, self.queue.parallel([functools.partial(self.train, *specs[i]) for i in order]), strict=True)
-        )
+        done = dict(zip(order, self.queue.parallel([self.train(*specs[i]) for i in order]), strict=True))
         results = [done[i] for i in range(len(specs))]
         self.summaries += results
         return results

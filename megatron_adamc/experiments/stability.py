@@ -8,25 +8,34 @@ non-finite (the trainer's divergence guard stops such a run with exit 3), or cli
 above its first-step loss L0 (everything learned is lost; under a cosine decay such a run may later recover part of
 it, so the final loss alone misses it), or ends above the unigram entropy of the training tokens. Per variant and
 width: the largest stable lr of each seed (the largest grid lr with it and every smaller lr stable) and its spread,
-Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0: the loss at initialization), and the best loss.
+Wortsman's LR sensitivity E_lr[min(L(lr), L0)] - min_lr L(lr) (L0: the loss at initialization; L the final
+validation loss, L0 where it is non-finite or the run was skipped; a run flagged diverged by the stricter rules above
+but with a finite loss enters at min(L, L0), as in Wortsman et al.), and the best loss.
 A ladder (variant, width, seed) stops after ``skip_after_diverged`` consecutive diverged lrs: the lrs above count
 as diverged, at L0.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from megatron_adamc.errors import UserError
-from megatron_adamc.experiments._trainer_runs import LlmConfig, RunQueue, mean_std, series, window_mean
+from megatron_adamc.experiments._trainer_runs import (
+    LlmConfig,
+    Run,
+    RunQueue,
+    Task,
+    data_cache,
+    mean_std,
+    series,
+    window_mean,
+)
 
 HEADLINE_KEYS = ("max_stable_lr", "lr_sensitivity", "best_loss")
 VariantName = Literal["baseline", "qk_norm", "qk_norm_cap", "qkv_norm", "qk_proj_fc2_norm", "scaled_embed"]
@@ -318,22 +327,20 @@ def run(cfg: Config, output_dir: Path) -> dict:
     from megatron_adamc.experiments._stability_figures import plot
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    cache = cfg.data_cache_dir or f"~/.cache/megatron-adamc/experiments-v{cfg.vocab_size}"
+    cache = data_cache(cfg)
     lrs = sorted(cfg.lrs)
     ladders = [(w, v, s) for w in cfg.widths for s in cfg.seeds for v in cfg.variants]
     total = len(ladders) * len(lrs)
-    queue = RunQueue(cfg, output_dir, total_steps=total * cfg.steps)
+    queue = RunQueue(cfg, output_dir, total_steps=total * cfg.steps, total_runs=total)
     threshold: list[float] = [cfg.divergence_loss] if cfg.divergence_loss is not None else []
     curves: dict[str, list[dict[str, Any]]] = {}
-    lock = threading.Lock()
 
     def divergence_loss() -> float:
-        with lock:
-            if not threshold:
-                threshold.append(unigram_entropy(cache))  # a finished run has built the data
-            return threshold[0]
+        if not threshold:
+            threshold.append(unigram_entropy(cache))  # a finished run has built the data
+        return threshold[0]
 
-    def ladder(width: int, variant: str, seed: int) -> list[dict[str, Any]]:
+    def ladder(width: int, variant: str, seed: int) -> Task[list[dict[str, Any]]]:
         """One (variant, width, seed) ladder, lr by lr, cut after ``skip_after_diverged`` divergences in a row."""
         runs: list[dict[str, Any]] = []
         streak = 0
@@ -341,11 +348,10 @@ def run(cfg: Config, output_dir: Path) -> dict:
             if cfg.skip_after_diverged and streak >= cfg.skip_after_diverged:
                 initial = runs[-1]["initial_loss"]
                 runs.append(skipped_run(variant, width, lr, seed, initial, cfg.skip_after_diverged))
-                with lock:
-                    queue.total_steps -= cfg.steps
+                queue.total_steps -= cfg.steps
                 continue
             name = run_name(variant, width, lr, seed)
-            records = queue.run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, total, may_diverge=True)
+            records = yield Run(name, overrides(cfg, variant, width, lr, seed), cfg.steps, may_diverge=True)
             curves[name] = records
             stopped = queue.diverged(name)
             result = summarize_run(cfg, records, variant, lr, divergence_loss(), stopped)
@@ -353,7 +359,7 @@ def run(cfg: Config, output_dir: Path) -> dict:
             streak = streak + 1 if result["diverged"] else 0
         return runs
 
-    per_ladder = queue.parallel([functools.partial(ladder, *key) for key in ladders])
+    per_ladder = queue.parallel([ladder(*key) for key in ladders])
     runs = [r for ladder_runs in per_ladder for r in ladder_runs]
     summary = summarize(cfg, runs)
     results = {

@@ -104,6 +104,11 @@ class CheckpointSection(_Section):
 class EvalSection(_Section):
     interval: int = Field(100, gt=0, description="validation every this many steps (and at the last)")
     batches: int = Field(8, gt=0, description="micro batches per rank in one validation pass")
+    full_split: bool = Field(
+        False,
+        description="evaluate every token of the validation split instead (documents in file order, the same windows "
+        "for every seed; ignores batches)",
+    )
 
 
 class DataSection(_Section):
