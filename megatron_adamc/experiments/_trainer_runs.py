@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from megatron_adamc.errors import DivergenceError, UserError
 from megatron_adamc.experiments import _launcher as launcher
 from megatron_adamc.metrics_file import MetricsFile
-from megatron_adamc.resources import configs_dir, find_file
 from megatron_adamc.ports import free_port
+from megatron_adamc.resources import configs_dir, find_file
 
 # Model shapes by name. "micro" is what the CPU defaults train in seconds per hundred steps; the others scale up.
 MODELS: dict[str, dict[str, Any]] = {
