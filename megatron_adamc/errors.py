@@ -55,17 +55,61 @@ class RunLockedError(MegatronAdamCError):
     exit_code = 5
 
 
+# Set by megatron_adamc.cli.launch for the ranks it starts: it prints the failed rank's line itself (once, whichever
+# rank ends first; rank 0 printing could be cut short by the agent ending the ranks after another one's exit).
+LAUNCHER_ENV = "MEGATRON_ADAMC_LAUNCHER"
+
+
+def record_for_launcher(line: str) -> None:
+    """Under an elastic agent (torchrun, cli/launch.py), leave the one line in this rank's error file, where the
+    agent reads a failed rank's message (torchrun then shows it instead of "error_file: <N/A>")."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"message": line, "timestamp": int(time.time())}, handle)
+    except OSError:
+        pass
+
+
 def report_errors(command: str, work: Callable[[], int]) -> int:
     """Run ``work``: its exit code, or a ``MegatronAdamCError`` as one line on stderr (rank 0 only: under torchrun
-    every rank raises the same error) and its code, or Ctrl-C as "interrupted" and 130. How every command ends."""
+    every rank raises the same error) and its code, or Ctrl-C as "interrupted" and 130. How every command ends.
+
+    A file-system error no check foresaw (``OSError``) and ``MemoryError`` are one line too, exit 1, naming the
+    path or the fix; ``MEGATRON_ADAMC_TRACEBACK=1`` lets them through with their traceback (for a bug report)."""
     main_rank = os.environ.get("RANK", "0") == "0"
+
+    def say(message: str) -> None:
+        line = f"megatron-adamc {command}: {message}"
+        record_for_launcher(line)
+        if main_rank and os.environ.get(LAUNCHER_ENV) != "1":
+            print(line, file=sys.stderr, flush=True)
+
     try:
         return int(work() or 0)
     except MegatronAdamCError as err:
-        if main_rank:
-            print(f"megatron-adamc {command}: error: {err}", file=sys.stderr, flush=True)
+        say(f"error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        if main_rank:
-            print(f"megatron-adamc {command}: interrupted", file=sys.stderr, flush=True)
+        say("interrupted")
         return 130
+    except (OSError, MemoryError) as err:
+        if os.environ.get("MEGATRON_ADAMC_TRACEBACK") == "1":
+            raise
+        say(f"error: {describe_unexpected(err)}")
+        return 1
+
+
+def describe_unexpected(err: BaseException) -> str:
+    """One line for an ``OSError``/``MemoryError`` that reached the top: what, where, and what to do."""
+    if isinstance(err, MemoryError):
+        return "out of memory; `megatron-adamc plan` shows what the run needs (lower train.micro_batch_size or seq_len)"
+    assert isinstance(err, OSError)
+    what = err.strerror or type(err).__name__
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    return f"{what}{f': {where}' if where else ''} (unexpected; set MEGATRON_ADAMC_TRACEBACK=1 for the traceback)"
