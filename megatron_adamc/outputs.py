@@ -119,7 +119,11 @@ def check_output_prefix(value: str | os.PathLike, field: str, suffixes: tuple[st
     for suffix in suffixes:
         if os.path.isdir(text + suffix):
             raise UserError(f"{field} {value}: {text + suffix} is a folder, where the output file would go")
-    check_output_dir(os.path.dirname(os.path.abspath(text)), field)
+    parent = Path(os.path.dirname(os.path.abspath(text)))
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{field} {value}: {parent} is a file, so no folder can be created under it; choose another "
+                        "path")  # fmt: skip
+    check_output_dir(parent, field)
     return Path(text)
 
 

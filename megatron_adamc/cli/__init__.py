@@ -18,12 +18,13 @@ import sys
 SUBCOMMANDS = ["train", "tokenizer", "preprocess", "experiment", "slurm", "report", "plan", "export", "import_hf"]
 
 # Every command names its outputs with one of these options; main checks each before the command runs:
-# dest -> (what the path must be, whether an existing non-empty folder is acceptable).
-OUTPUT_OPTIONS = {
-    "output_dir": ("dir", True),  # train, slurm submit, experiment: a run directory (an existing one resumes)
-    "output": ("dir", True),  # export, import-hf, report (export and import-hf refuse a non-empty one themselves)
-    "output_prefix": ("prefix", True),  # preprocess: OUT.bin / OUT.idx
+# dest -> what the path is ("dir", or a file prefix and the suffixes written after it); (command, dest) overrides.
+OUTPUT_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "output_dir": ("dir", ()),  # train, slurm submit, experiment: a run directory (an existing one resumes)
+    "output": ("dir", ()),  # export, import-hf, report (export and import-hf refuse a non-empty one themselves)
+    "output_prefix": ("prefix", (".bin", ".idx")),  # preprocess: OUT.bin / OUT.idx
 }
+COMMAND_OUTPUTS = {("tokenizer", "output"): ("prefix", (".model", ".vocab"))}  # tokenizer train: PREFIX.model
 
 
 class UsageError(Exception):
@@ -47,15 +48,16 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Each output path of the command: usable, or one ``UserError`` naming the option and the fix."""
     from megatron_adamc.outputs import check_output_dir, check_output_prefix
 
-    for dest, (kind, _) in OUTPUT_OPTIONS.items():
+    for dest, default in OUTPUT_OPTIONS.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
+        kind, suffixes = COMMAND_OUTPUTS.get((args.command, dest), default)
         option = "--" + dest.replace("_", "-")
         if kind == "dir":
             check_output_dir(str(value), option)
         else:
-            check_output_prefix(str(value), option)
+            check_output_prefix(str(value), option, suffixes)
 
 
 def main(argv: list[str] | None = None) -> int:

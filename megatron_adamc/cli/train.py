@@ -14,7 +14,7 @@ from megatron_adamc.errors import UserError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="pretrain a Llama with DeepSpeed (resumes from DIR/checkpoints)")
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/train/llama_tiny.yaml")
-    parser.add_argument("--output-dir", required=True, type=Path, help="run directory (metrics, checkpoints)")
+    parser.add_argument("--output-dir", required=True, help="run directory (metrics, checkpoints)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--nproc-per-node",
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         return launch_ranks(args)
     from megatron_adamc.train.trainer import train_from_config
 
-    return train_from_config(args.config, args.output_dir, args.overrides)
+    return train_from_config(args.config, Path(args.output_dir), args.overrides)
 
 
 def launch_ranks(args: argparse.Namespace) -> int:
