@@ -8,9 +8,12 @@ run directory another trainer holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 
 class MegatronAdamCError(Exception):
@@ -76,19 +79,46 @@ def record_for_launcher(line: str) -> None:
         pass
 
 
+def announce(line: str) -> None:
+    """The one line of how a command ended: on rank 0's stderr (every rank raises alike), or left to the launcher."""
+    record_for_launcher(line)
+    if os.environ.get("RANK", "0") == "0" and os.environ.get(LAUNCHER_ENV) != "1":
+        print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(command: str | None) -> Iterator[None]:
+    """While the command imports its libraries, Ctrl-C ends the process at once with its one line (exit 130).
+
+    WHY: an interrupt inside ``import torch``/``deepspeed`` leaves a half-imported module behind, and libraries that
+    catch everything at import time can swallow the KeyboardInterrupt: the run then went on and failed later with a
+    RecursionError traceback, or hung at interpreter exit. Nothing has been written at that point, so there is
+    nothing to clean up. Main thread only (signal handlers live there); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        announce(f"megatron-adamc{f' {command}' if command else ''}: interrupted")
+        sys.stdout.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def report_errors(command: str, work: Callable[[], int]) -> int:
     """Run ``work``: its exit code, or a ``MegatronAdamCError`` as one line on stderr (rank 0 only: under torchrun
     every rank raises the same error) and its code, or Ctrl-C as "interrupted" and 130. How every command ends.
 
     A file-system error no check foresaw (``OSError``) and ``MemoryError`` are one line too, exit 1, naming the
     path or the fix; ``MEGATRON_ADAMC_TRACEBACK=1`` lets them through with their traceback (for a bug report)."""
-    main_rank = os.environ.get("RANK", "0") == "0"
 
     def say(message: str) -> None:
-        line = f"megatron-adamc {command}: {message}"
-        record_for_launcher(line)
-        if main_rank and os.environ.get(LAUNCHER_ENV) != "1":
-            print(line, file=sys.stderr, flush=True)
+        announce(f"megatron-adamc {command}: {message}")
 
     try:
         return int(work() or 0)

@@ -11,53 +11,23 @@ the trainer's ``init_distributed`` is replaced by an assertion.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import REPO, SMALL_TRAIN_SETS
+from user_errors import no_process_group, refused, state_of  # noqa: F401 (a fixture)
 
 from megatron_adamc import cli
 from megatron_adamc.cli import main
 from megatron_adamc.errors import CheckpointError, ResumeError
-from megatron_adamc.train import trainer
 from megatron_adamc.train.checkpointer import Checkpointer
 from megatron_adamc.train.resume import plan_resume
 
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
 
 
-def state_of(path: Path) -> object:
-    """Every file and folder under ``path`` with its bytes (a file: its bytes; missing: None)."""
-    if not os.path.lexists(path):
-        return None
-    if not path.is_dir():
-        return path.read_bytes()
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(path.rglob("*"))}
-
-
-@pytest.fixture(autouse=True)
-def _no_process_group(monkeypatch):
-    def refuse(*_a, **_k):
-        raise AssertionError("preflight let this case through: the trainer would start")
-
-    monkeypatch.setattr(trainer, "init_distributed", refuse)
-
-
-def refused(capsys, argv: list[str], code: int, *expected: str, watch: tuple[Path, ...] = ()) -> str:
-    """Run the command line; assert its exit code, exactly one error line holding ``expected``, no traceback, and
-    every ``watch`` path unchanged. Returns the line."""
-    before = [state_of(p) for p in watch]
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if ": error: " in line or line.endswith(": interrupted")]
-    assert rc == code, err[-3000:]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for text in expected:
-        assert text in lines[0], lines[0]
-    assert [state_of(p) for p in watch] == before
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("no_process_group")  # every case here must stop in preflight
 
 
 def train_argv(out: Path | str, *sets: str, config: Path = CONFIG) -> list[str]:
@@ -304,7 +274,7 @@ def test_deleted_checkpoints_and_saves_that_never_completed(tmp_path):
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(names) == 1 and names[0].startswith("step_2.incomplete-"), names
     assert not (out / "metrics.jsonl").exists()
-    aside = next(out.glob("metrics.jsonl.set-aside-*"))
+    aside = next(out.glob("metrics.set-aside-*.jsonl"))
     assert aside.read_text().count("step") == 2
     assert "skipped: no manifest.json (the save did not complete)" in logged[0]
     assert "set aside as step_2.incomplete-" in logged[1] and "held 2 rows up to step 2" in logged[2]

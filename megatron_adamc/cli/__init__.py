@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Module names under megatron_adamc.cli; each adds one sub-command (named by its register(), e.g. import-hf).
@@ -61,11 +62,27 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        from megatron_adamc.errors import report_errors
+    """The command line (``argv``, default ``sys.argv[1:]``) -> its exit code.
 
-        parser = build_parser()
-        args = parser.parse_args(argv)
+    Called as the program itself (``argv`` None: the console script, ``python -m megatron_adamc.cli``), a Ctrl-C that
+    ends it exits at once after its one line: interrupted inside an import, the interpreter's own shutdown can hang
+    or die on the half-imported module (torch), and nothing is left to clean up (the trainer closed its loader and
+    lock on the way out)."""
+    code = _main(argv)
+    if code == 130 and argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        from megatron_adamc.errors import exit_on_interrupt, report_errors
+
+        with exit_on_interrupt(None):  # importing the sub-commands
+            parser = build_parser()
+            args = parser.parse_args(argv)
     except UsageError as err:
         print(err, file=sys.stderr, flush=True)
         return 2

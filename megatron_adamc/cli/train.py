@@ -27,9 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_adamc.errors import exit_on_interrupt
+
     if args.nproc_per_node is not None:
         return launch_ranks(args)
-    from megatron_adamc.train.trainer import train_from_config
+    with exit_on_interrupt("train"):  # the heavy imports (torch, DeepSpeed): Ctrl-C here exits at once
+        import deepspeed  # noqa: F401 - imported by preflight anyway; here, under the handler
+
+        from megatron_adamc.train.trainer import train_from_config
 
     return train_from_config(args.config, Path(args.output_dir), args.overrides)
 

@@ -57,11 +57,13 @@ def read_record(prefix: str) -> dict[str, Any] | None:
     return record
 
 
-def max_token_id(prefix: str, limit_bytes: int | None = SCAN_LIMIT_BYTES) -> int | None:
-    """The largest id in ``PREFIX.bin`` (None when it is larger than ``limit_bytes``: left to ``VocabGuard``)."""
+def max_token_id(prefix: str, limit_bytes: int | None = -1) -> int | None:
+    """The largest id in ``PREFIX.bin`` (None when it is larger than ``limit_bytes``, default ``SCAN_LIMIT_BYTES``:
+    left to ``VocabGuard``; None: no limit)."""
     files = check_indexed_files(prefix, "data")
     path = prefix + ".bin"
-    if limit_bytes is not None and os.path.getsize(path) > limit_bytes:
+    limit = SCAN_LIMIT_BYTES if limit_bytes == -1 else limit_bytes
+    if limit is not None and os.path.getsize(path) > limit:
         return None
     tokens = np.memmap(path, dtype=files.dtype, mode="r")
     best = 0

@@ -185,7 +185,7 @@ class Checkpointer:
                          f"as {aside.name}")  # fmt: skip
             if metrics.exists() and metrics.read().rows:
                 rows = metrics.read().rows
-                aside = metrics.path.with_name(f"{metrics.path.name}.set-aside-{stamp}")
+                aside = metrics.path.with_name(f"metrics.set-aside-{stamp}.jsonl")  # still a metrics file to tools
                 metrics.path.rename(aside)
                 self.log(f"no checkpoint to resume, so the run starts at step 1; {metrics.path.name} held "
                          f"{len(rows)} rows up to step {rows[-1]['step']} of an earlier attempt: set aside as "

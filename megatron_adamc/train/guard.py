@@ -116,8 +116,11 @@ def weight_norm(engine: Any) -> float:
     params = list(engine.module.parameters())
     partitioned = [p.ds_tensor for p in params if hasattr(p, "ds_tensor")]
     tensors = [t.detach() for t in (partitioned or params) if t.numel()]
-    norms = torch._foreach_norm(tensors) if tensors else [torch.zeros(())]
-    total = torch.stack([n.double().cpu() for n in norms]).square().sum()
+    # In float64: blown-up weights (~1e29) overflow a float32 sum of squares, and that norm is what is reported.
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors] or [
+        torch.zeros((), dtype=torch.float64)
+    ]
+    total = torch.stack([n.cpu() for n in norms]).square().sum()
     if partitioned and dist.is_initialized():
         total = total.to(next(iter(params)).device if params else "cpu")
         dist.all_reduce(total)
