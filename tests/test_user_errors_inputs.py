@@ -270,7 +270,9 @@ def test_deleted_checkpoints_and_saves_that_never_completed(tmp_path):
         Checkpointer(None, out, log=lambda _: None).find_resume(set_aside=False)
     assert state_of(out) == before
     logged: list[str] = []
-    assert Checkpointer(None, out, log=logged.append).find_resume() is None
+    checkpointer = Checkpointer(None, out, log=logged.append)
+    assert checkpointer.find_resume() is None and state_of(out) == before  # nothing renamed before the run starts
+    checkpointer.start_afresh()
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(names) == 1 and names[0].startswith("step_2.incomplete-"), names
     assert not (out / "metrics.jsonl").exists()

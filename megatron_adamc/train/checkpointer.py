@@ -102,6 +102,7 @@ class Checkpointer:
         self.dir = run_dir / "checkpoints"
         self.log = log
         self.last_saved: str | None = None
+        self.pending_set_aside: list[Path] | None = None  # find_resume's fresh start, for start_afresh
 
     # ------------------------------------------------------------------ decisions
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -127,10 +128,10 @@ class Checkpointer:
         """The newest verified checkpoint (same answer on every rank), None for a fresh run.
 
         A ``step_N`` without a manifest is a save that never completed, not a checkpoint: when nothing complete is
-        left to resume, those are renamed aside (``set_aside``; the trainer) and the run starts afresh, its old
-        ``metrics.jsonl`` set aside with them, so a requeued job never fails forever on a kill during its first
-        save. Raises CheckpointError, deleting nothing, when a complete checkpoint exists but none verifies (the user
-        decides), or when ``latest`` names a checkpoint but every ``step_N`` is gone (deleted?).
+        left to resume, those are renamed aside (``set_aside``, the trainer: by ``start_afresh``) and the run starts
+        afresh, its old ``metrics.jsonl`` set aside with them, so a requeued job never fails forever on a kill
+        during its first save. Raises CheckpointError, deleting nothing, when a complete checkpoint exists but none
+        verifies (the user decides), or when ``latest`` names a checkpoint but every ``step_N`` is gone (deleted?).
         """
         dirs = _broadcast([(step, str(path)) for step, path in self.step_dirs()] if _rank() == 0 else None)
         rejected: list[tuple[Path, str]] = []
@@ -164,16 +165,22 @@ class Checkpointer:
                 "start a new run, or restore a good step_N from a backup"
             )
         if set_aside:
-            self._start_afresh(incomplete)
+            self.pending_set_aside = incomplete  # renamed by start_afresh(), once the run is sure to start
         elif incomplete:
             raise CheckpointError(f"{self.dir}: no complete checkpoint (only saves that never completed: "
                                   f"{', '.join(p.name for p in incomplete)}); train further first")  # fmt: skip
         return None
 
-    def _start_afresh(self, incomplete: list[Path]) -> None:
-        """Rank 0 renames aside what a fresh start would otherwise mix with: saves that never completed and the
-        rows of the attempt that made them (or of any attempt that saved nothing), each named in the log."""
+    def start_afresh(self) -> None:
+        """After ``find_resume`` found nothing to resume, and once the run is built (a refusal before this leaves the
+        directory as it was): rank 0 renames aside what a fresh start would otherwise mix with, the saves that never
+        completed and the rows of the attempt that made them (or of any attempt that saved nothing), each named in
+        the log. Collective; a no-op after a resume."""
         from megatron_adamc.metrics_file import MetricsFile
+
+        incomplete, self.pending_set_aside = self.pending_set_aside, None
+        if incomplete is None:
+            return
 
         metrics = MetricsFile(self.dir.parent / "metrics.jsonl")
         if _rank() == 0:

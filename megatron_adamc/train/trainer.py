@@ -169,6 +169,7 @@ class Trainer:
             trainer.tracker = Tracker(engine, config.tracking, model)
             if candidate is not None and candidate.state.get("tracker"):
                 trainer.tracker.load_state_dict(candidate.state["tracker"])
+        checkpointer.start_afresh()  # a fresh start sets aside incomplete saves and old rows (nothing to resume)
         trainer.logger = MetricsLogger(run_dir, config, config.train.steps, trainer.start_step, env.is_main)
         trainer.batches = BatchLoader(
             data.train, config.train.micro_batch_size, env.rank, env.world_size, trainer.consumed,
