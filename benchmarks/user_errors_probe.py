@@ -175,9 +175,9 @@ def build(root: Path) -> list[Case]:
     shutil.copyfile(data / "train.bin", data / "truncated.bin")
     (data / "garbage.model").write_bytes(b"not a tokenizer" * 10)
     subprocess.run([sys.executable, "-c", "import sys; from megatron_adamc.data import train_tokenizer;"
-                    "train_tokenizer([open(sys.argv[1]).read()[:200000]], sys.argv[2], 320)",
+                    "train_tokenizer([open(sys.argv[1]).read()[:200000]], sys.argv[2], 400)",
                     str(CORPUS / "train.jsonl"), str(data / "small")], check=True, env=env())  # fmt: skip
-    subprocess.run([sys.executable, "-m", "megatron_adamc.cli", "preprocess", "--input", str(CORPUS / "valid.jsonl"),
+    subprocess.run([sys.executable, "-m", "megatron_adamc.cli", "preprocess", "--input", str(CORPUS / "train.jsonl"),
                     "--tokenizer", str(data / "tokenizer.model"), "--output-prefix", str(data / "made")],
                    check=True, env=env(), capture_output=True)  # fmt: skip
 

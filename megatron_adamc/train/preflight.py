@@ -61,12 +61,17 @@ def check_data_paths(config: TrainConfig, world_size: int = 1) -> Any | None:
     """A custom dataset's prefixes (files intact), split (well-formed, every part large enough, one validation pass
     within it), tokenizer (a SentencePiece model, the one the data was made with); returns that tokenizer.
 
-    The default corpus is built at train time, so only custom data can be checked here.
+    The default corpus is built at train time, so only custom data can be checked here (and the default corpus's
+    validation pass, once an earlier run built it).
     """
     data = config.data
     if data.split is not None:
         parse_split(data.split)
+    num_valid = config.eval.batches * config.train.micro_batch_size * world_size
     if data.default_corpus:
+        valid = os.path.join(os.path.expanduser(data.cache_dir), "valid")
+        if os.path.isfile(valid + ".idx") and os.path.isfile(valid + ".bin"):  # built by an earlier run
+            check_eval_pass(([], None), ([valid], None), None, config.train.seq_len, num_valid)
         return None
     from megatron_adamc.data.blend import parse_blend
     from megatron_adamc.data.provenance import check_matches_tokenizer
@@ -77,7 +82,6 @@ def check_data_paths(config: TrainConfig, world_size: int = 1) -> Any | None:
     split = resolve_split(data.valid, data.split)
     label = f"data.split={split}" + (" (the default without data.valid)" if data.split is None else "")
     check_split_sizes(train[0], valid[0] if valid else None, split, config.train.seq_len, split_label=label)
-    num_valid = config.eval.batches * config.train.micro_batch_size * world_size
     check_eval_pass(train, valid, split, config.train.seq_len, num_valid)
     if not Path(os.path.expanduser(data.tokenizer)).is_file():
         raise DataError(
