@@ -88,7 +88,7 @@ def test_data_of_another_tokenizer_is_refused_before_training(capsys, data, tmp_
             "pieces (ids 0..399)", watch=watch)  # fmt: skip
     # 3. a validation pass larger than the validation set (family 6: it would evaluate the same samples again)
     refused(capsys, train_argv(run, custom(data["made_a"], data["tok_a"], "eval.batches=100000")), 2,
-            "eval.batches: a validation pass would read 200,000 samples", watch=watch)  # fmt: skip
+            "eval.batches: each rank's validation pass would read 200,000 samples", watch=watch)  # fmt: skip
 
 
 @pytest.mark.parametrize("workers", [0, 1])

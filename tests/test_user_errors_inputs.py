@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SMALL_TRAIN_SETS
-from user_errors import no_process_group, refused, state_of  # noqa: F401 (a fixture)
+from user_errors import no_process_group, refused, small_corpus, state_of  # noqa: F401 (fixtures)
 
 from megatron_adamc import cli
 from megatron_adamc.cli import main
@@ -104,18 +104,31 @@ def test_deepspeed_json_duplicates_device_and_plan(capsys, tmp_path, run_dir):
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["train.seq_len=1000000000", "model.max_seq_len=1000000000"], "largest term activations"),
-        (["train.micro_batch_size=10000000"], "largest term activations"),
         (["model.vocab_size=100000000"], "the run cannot fit this machine's memory"),
+        (["model.dim=8192", "model.n_heads=64", "model.n_kv_heads=8", "model.ffn_dim=28672", "model.n_layers=80"],
+         "largest term optimizer"),
         (["train.steps=1000000000000"], "megatron-core's sample index for 2,000,000,000,004 samples"),
     ],
-    ids=["seq_len", "micro_batch", "vocab", "steps"],
-)
+    ids=["vocab", "params", "steps"],
+)  # fmt: skip
 def test_sizes_that_cannot_fit_are_refused_by_the_planner(capsys, run_dir, sets, message):
     line = refused(
         capsys, train_argv(run_dir, *sets), 2, "the run cannot fit this machine's", message, watch=(run_dir,)
     )
     assert "fix: " in line
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [["train.seq_len=1000000000", "model.max_seq_len=1000000000"], ["train.micro_batch_size=10000000"]],
+    ids=["seq_len", "micro_batch"],
+)
+@pytest.mark.usefixtures("small_corpus")
+def test_sizes_beyond_the_data_are_refused_before_the_planner(capsys, run_dir, sets):
+    """A sequence or a validation pass larger than the data: the data check speaks first (one line either way)."""
+    refused(
+        capsys, train_argv(run_dir, *sets), 2, "eval.batches: each rank's validation pass would read", watch=(run_dir,)
+    )
 
 
 # -- family 3: output paths of every command ----------------------------------------------------------------------

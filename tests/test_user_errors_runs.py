@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO, SMALL_CORPUS_DIR, WORKERS, subprocess_env
 from trainer_runs import error_lines, losses, run, snapshot, train_cmd
+from user_errors import ensure_small_corpus
 
 from megatron_adamc.cli.launch import exit_code
 from megatron_adamc.data import train_tokenizer
@@ -109,6 +110,7 @@ def test_kill_during_the_first_save_starts_afresh(tmp_path):
 @pytest.fixture(scope="module")
 def paused(tmp_path_factory) -> dict[str, Path]:
     """A run on custom data (its tokenizer a private copy) paused at step 2 with a good checkpoint."""
+    ensure_small_corpus()
     d = tmp_path_factory.mktemp("paused")
     tokenizer = d / "tokenizer.model"
     shutil.copyfile(SMALL_CORPUS_DIR / "tokenizer.model", tokenizer)

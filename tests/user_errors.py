@@ -44,3 +44,18 @@ def no_process_group(monkeypatch):
         raise AssertionError("preflight let this case through: the trainer would start")
 
     monkeypatch.setattr(trainer, "init_distributed", refuse)
+
+
+def ensure_small_corpus() -> Path:
+    """The tests' shared small default corpus (SMALL_TRAIN_SETS), built here if no earlier test built it."""
+    from conftest import SMALL_CORPUS_DIR
+
+    from megatron_adamc.data import prepare_default_data
+
+    prepare_default_data(str(SMALL_CORPUS_DIR), 512, 400_000, progress=False)  # a no-op once built
+    return SMALL_CORPUS_DIR
+
+
+@pytest.fixture(scope="session")
+def small_corpus() -> Path:
+    return ensure_small_corpus()

@@ -36,6 +36,12 @@ def _process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @contextlib.contextmanager
 def _index_cache_lock(cache_dir: str) -> Iterator[None]:
     """Rank 0 (the rank megatron-core builds the index caches on; the others wait at its barrier) holds the cache's
@@ -79,7 +85,8 @@ def build_gpt_datasets(
     # Before megatron-core: a split with no tokens would hang it (GPTDataset._get_num_epochs) and a bad split string
     # would be misread.
     check_split_sizes(train[0], valid[0] if valid is not None else None, split, seq_len)
-    check_eval_pass(train, valid, split, seq_len, num_valid_samples)
+    world = _world_size()
+    check_eval_pass(train, valid, split, seq_len, num_valid_samples // world if num_valid_samples else None)
     if valid is not None and valid[1] is not None and num_valid_samples is None:
         raise DataError("data.valid has weights, so the number of validation samples must be given")
     if not isinstance(tokenizer, Tokenizer):

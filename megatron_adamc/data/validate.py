@@ -209,19 +209,21 @@ def validation_tokens(train: Blend, valid: Blend | None, split: str | None) -> i
 
 
 def check_eval_pass(
-    train: Blend, valid: Blend | None, split: str | None, seq_len: int, num_valid_samples: int | None
+    train: Blend, valid: Blend | None, split: str | None, seq_len: int, samples_per_rank: int | None
 ) -> None:
-    """One validation pass (``eval.batches`` x micro batch x ranks samples) must not exceed the validation set: beyond
-    it megatron-core repeats the set (building an index per repeat), and the same samples are evaluated again."""
-    if not num_valid_samples:
+    """One rank's validation pass (``eval.batches`` x micro batch samples) must not exceed the validation set: beyond
+    it every rank evaluates the same samples again (megatron-core repeats the set, building an index per repeat),
+    and ``eval.batches`` 1e6 ran until killed. Ranks together may read the set more than once (small sets, many
+    ranks), as each rank's pass is a whole estimate."""
+    if not samples_per_rank:
         return
     tokens = validation_tokens(train, valid, split)
     if tokens is None:
         return
     per_pass = max(0, (tokens - 1) // seq_len)
-    if num_valid_samples > per_pass:
+    if samples_per_rank > per_pass:
         raise DataError(
-            f"eval.batches: a validation pass would read {num_valid_samples:,} samples (eval.batches x "
-            f"train.micro_batch_size x ranks), but the validation set holds {per_pass:,} of train.seq_len={seq_len} "
+            f"eval.batches: each rank's validation pass would read {samples_per_rank:,} samples (eval.batches x "
+            f"train.micro_batch_size), but the validation set holds {per_pass:,} of train.seq_len={seq_len} "
             f"({tokens:,} tokens): lower eval.batches so the pass fits, or add validation data"
         )

@@ -19,7 +19,7 @@ from megatron_adamc.data.validate import check_eval_pass, check_split_sizes, par
 from megatron_adamc.errors import ConfigError, DataError, UserError
 from megatron_adamc.outputs import check_cache_dir, check_output_dir
 from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, zero_stage
+from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, resolve_global_batch, zero_stage
 from megatron_adamc.train.run_dir import check_run_dir
 
 # A stand-in vocabulary for validating the model before the tokenizer is known (the default corpus trains its own).
@@ -57,7 +57,7 @@ def model_config(config: TrainConfig, vocab_size: int | None = None):
     return model
 
 
-def check_data_paths(config: TrainConfig, world_size: int = 1) -> Any | None:
+def check_data_paths(config: TrainConfig) -> Any | None:
     """A custom dataset's prefixes (files intact), split (well-formed, every part large enough, one validation pass
     within it), tokenizer (a SentencePiece model, the one the data was made with); returns that tokenizer.
 
@@ -67,11 +67,11 @@ def check_data_paths(config: TrainConfig, world_size: int = 1) -> Any | None:
     data = config.data
     if data.split is not None:
         parse_split(data.split)
-    num_valid = config.eval.batches * config.train.micro_batch_size * world_size
+    per_rank = config.eval.batches * config.train.micro_batch_size  # one rank's validation pass, in samples
     if data.default_corpus:
         valid = os.path.join(os.path.expanduser(data.cache_dir), "valid")
         if os.path.isfile(valid + ".idx") and os.path.isfile(valid + ".bin"):  # built by an earlier run
-            check_eval_pass(([], None), ([valid], None), None, config.train.seq_len, num_valid)
+            check_eval_pass(([], None), ([valid], None), None, config.train.seq_len, per_rank)
         return None
     from megatron_adamc.data.blend import parse_blend
     from megatron_adamc.data.provenance import check_matches_tokenizer
@@ -82,7 +82,7 @@ def check_data_paths(config: TrainConfig, world_size: int = 1) -> Any | None:
     split = resolve_split(data.valid, data.split)
     label = f"data.split={split}" + (" (the default without data.valid)" if data.split is None else "")
     check_split_sizes(train[0], valid[0] if valid else None, split, config.train.seq_len, split_label=label)
-    check_eval_pass(train, valid, split, config.train.seq_len, num_valid)
+    check_eval_pass(train, valid, split, config.train.seq_len, per_rank)
     if not Path(os.path.expanduser(data.tokenizer)).is_file():
         raise DataError(
             f"data.tokenizer={data.tokenizer}: no such file; train one with `megatron-adamc tokenizer train`"
@@ -165,10 +165,11 @@ def preflight(config: TrainConfig, run_dir: Path, world_size: int, local: bool =
     check_run_dir(run_dir)
     check_paths(config, run_dir)
     model_config(config)
-    tokenizer = check_data_paths(config, world_size)
+    resolve_global_batch(config, world_size)  # the config's own consistency before its data
+    tokenizer = check_data_paths(config)
     if tokenizer is not None:
         model_config(config, tokenizer.vocab_size)
-    ds_config = build_deepspeed_config(config, world_size)
+    ds_config = build_deepspeed_config(config, world_size)  # imports DeepSpeed: after the checks that need none
     if config.train.compile:
         from megatron_adamc.model.parallelize import check_compile
 
