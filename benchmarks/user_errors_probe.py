@@ -143,6 +143,8 @@ def build(root: Path) -> list[Case]:
         ("seq_len 1e9", ["train.seq_len=1000000000", "model.max_seq_len=1000000000"]),
         ("micro batch 1e5", ["train.micro_batch_size=100000"]), ("vocab 1e7", ["model.vocab_size=10000000"]),
         ("steps 1e9", ["train.steps=1000000000"]), ("eval.batches 1e6", ["eval.batches=1000000"]),
+        ("a 70B model on this machine", ["model.dim=8192", "model.n_heads=64", "model.n_kv_heads=8",
+                                         "model.ffn_dim=28672", "model.n_layers=80"]),
     ]:  # fmt: skip
         add("2 sizes", "train", name, train(run0, *items))
 
@@ -182,7 +184,9 @@ def build(root: Path) -> list[Case]:
                    check=True, env=env(), capture_output=True)  # fmt: skip
 
     def custom(prefix: Path | str, tokenizer: Path | str, *extra: str) -> list[str]:
-        return train(run0, "data.default_corpus=false", f"data.train={prefix}", f"data.tokenizer={tokenizer}", *extra)
+        split = [] if any(e.startswith(("data.split", "data.valid")) for e in extra) else ["data.split=80,20,0"]
+        return train(run0, "data.default_corpus=false", f"data.train={prefix}", f"data.tokenizer={tokenizer}",
+                     *split, *extra)  # fmt: skip
 
     watch = [run0, data]
     add("4 data", "train", "data.train missing", custom(data / "nope", data / "tokenizer.model"), watch=watch)
@@ -354,10 +358,10 @@ def build(root: Path) -> list[Case]:
 
     # -- experiment
     add("experiment", "experiment", "unknown name", ["experiment", "nope", "--output-dir", d / "x1"])
-    add("experiment", "experiment", "--set unknown key", ["experiment", "steady_state", "--output-dir", d / "x2",
+    add("experiment", "experiment", "--set unknown key", ["experiment", "steady-state", "--output-dir", d / "x2",
                                                           "--set", "nope=1"])  # fmt: skip
-    add("3 outputs", "experiment", "--output-dir ''", ["experiment", "steady_state", "--output-dir", ""])
-    add("3 outputs", "experiment", "--output-dir /proc", ["experiment", "steady_state", "--output-dir", "/proc/x"])
+    add("3 outputs", "experiment", "--output-dir ''", ["experiment", "steady-state", "--output-dir", ""])
+    add("3 outputs", "experiment", "--output-dir /proc", ["experiment", "steady-state", "--output-dir", "/proc/x"])
     return cases
 
 

@@ -137,6 +137,8 @@ def describe(err: Any, section: str | None, model: Any | None) -> str:
     if kind in ("model_type", "dict_type"):
         return f"{name}: must be an object (a section), not {json_text(given)}"
     message = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if message.startswith(name):  # DeepSpeed's own messages often name the key already
+        return f"{message} (got {json_text(given)})"
     return f"{name}: {message} (got {json_text(given)})"
 
 
