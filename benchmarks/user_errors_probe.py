@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from user_errors import state_of  # noqa: E402 - the tests' own "byte-identical" (tests/user_errors.py)
+
 CORPUS = Path(tempfile.gettempdir()) / "megatron-adamc-test-corpus"  # the tests' small corpus (built on demand)
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
 SMALL = [
@@ -51,14 +54,6 @@ def sets(*items: str) -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def state_of(path: Path) -> object:
-    if not os.path.lexists(path):
-        return None
-    if not path.is_dir():
-        return path.read_bytes()
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(path.rglob("*"))}
 
 
 def cli(*argv: str) -> list[str]:

@@ -324,3 +324,15 @@ def test_resume_of_a_one_sample_batch_on_two_ranks_is_one_line():
     with pytest.raises(ResumeError) as err:
         plan_resume(saved, dict(saved), saved_world=1, world=2)
     assert "cannot be split over 2 ranks" in str(err.value) and "at most 1 rank(s)" in str(err.value)
+
+
+def test_the_probe_counts_the_docs_quote_are_the_probes():
+    """docs/resilience.md quotes benchmarks/user_errors_probe.py's counts from its results JSON."""
+    probe = json.loads((REPO / "docs" / "results" / "user_errors_probe.json").read_text())
+    summary, results = probe["summary"], probe["results"]
+    assert summary["cases"] == len(results) and summary["one_line"] == sum(r["one_line"] for r in results)
+    text = " ".join((REPO / "docs" / "resilience.md").read_text().split())
+    assert f"{summary['cases']} bad inputs and faults, {summary['one_line']} end in one line" in text
+    for miss in results:
+        if not miss["one_line"]:
+            assert miss["case"] in text, miss["case"]
