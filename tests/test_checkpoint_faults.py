@@ -176,5 +176,5 @@ def test_read_only_output_is_one_line(tmp_path, small_disk, finished):
     proc = run(train_cmd(out, *SETS, "train.steps=8", steps=STEPS), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = error_lines(proc)
-    assert "cannot write there (Read-only file system)" in line
+    assert "is on a read-only file system; choose another path" in line
     assert snapshot(out) == before

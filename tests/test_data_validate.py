@@ -240,7 +240,9 @@ def test_preflight_checks_custom_data_and_the_split_string(files, tmp_path):
     assert "(the default without data.valid): the validation split" in one_line_error(
         preflight, config, tmp_path / "run", 1
     )
-    preflight(load_config(CONFIG, small_custom(files, files["small"], "data.split=50,50,0")), tmp_path / "run", 1)
+    # One validation pass (eval.batches x micro batch) must fit the 2 samples of that split (eval.batches=1).
+    fits = small_custom(files, files["small"], "data.split=50,50,0", "eval.batches=1")
+    preflight(load_config(CONFIG, fits), tmp_path / "run", 1)
     # A malformed split is refused even where it would be ignored (the default corpus).
     bad = load_config(CONFIG, [*SMALL_TRAIN_SETS, "data.split=98,2"])
     assert one_line_error(preflight, bad, tmp_path / "run", 1).startswith("data.split='98,2': give three")

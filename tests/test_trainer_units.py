@@ -15,7 +15,7 @@ def test_trainer_state_round_trips_and_refuses_a_field_it_does_not_know() -> Non
                          config={"seed": 1}, guard={"window": [1.0]}, tracker=None)  # fmt: skip
     saved = state.state_dict()
     assert set(saved) == {"step", "consumed_samples", "world_size", "global_batch", "identity", "config", "guard",
-                          "tracker"}  # fmt: skip
+                          "tracker", "weight_norm", "tokenizer"}  # fmt: skip
     assert TrainerState.from_state_dict(saved) == state
     with pytest.raises(ValueError, match="unknown trainer state field.*future_field"):
         TrainerState.from_state_dict({**saved, "future_field": 1})

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `megatron-adamc train` output directory")
     parser.add_argument("--format", required=True, choices=["hf"], help="hf: a Hugging Face transformers directory")
-    parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="a new (or empty) directory")
+    parser.add_argument("--output", required=True, metavar="DIR", help="a new (or empty) directory")
     parser.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: the latest)")
     parser.add_argument(
         "--tokenizer", metavar="MODEL", help="SentencePiece .model to ship (default: the run's); 'none' for none"

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "checkpoint.init_from and model section continue pretraining from the imported weights.",
     )
     parser.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="a local LlamaForCausalLM (or Qwen3) directory")
-    parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="a new (or empty) directory")
+    parser.add_argument("--output", required=True, metavar="DIR", help="a new (or empty) directory")
     parser.set_defaults(func=run)
 
 

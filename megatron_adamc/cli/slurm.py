@@ -81,7 +81,23 @@ def validate_train_config(config: Path, overrides: list[str], run_dir: Path, wor
     from megatron_adamc.train.preflight import preflight
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is the sbatch line
-        preflight(load_config(config, overrides), run_dir, world_size)
+        preflight(load_config(config, overrides), run_dir, world_size, local=False)  # this is not the GPU node
+
+
+# Characters a path cannot carry into the job: Slurm expands % patterns in --output, sbatch --export and pyxis
+# --container-mounts split on commas, pyxis splits a mount on colons, and a newline ends an #SBATCH line's value.
+_SLURM_SPECIAL = {",": "a comma (sbatch and pyxis split lists on it)", "%": "a % (Slurm expands %j, %x... in --output)",
+                  "\n": "a newline"}  # fmt: skip
+
+
+def check_job_path(option: str, path: Path, container: bool) -> None:
+    """``path`` survives every place the job writes it; else one UserError naming the character and the fix."""
+    special = dict(_SLURM_SPECIAL)
+    if container:
+        special[":"] = "a colon (pyxis --container-mounts reads src:dst)"
+    for char, why in special.items():
+        if char in str(path):
+            raise UserError(f"{option} {path}: contains {why}; use a path without it (e.g. a symlink to it)")
 
 
 def megatron_script(name: str) -> Path:
@@ -162,6 +178,8 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], Path]:
         out = (Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     scripts = launch_dir()
     script = scripts / SCRIPTS[args.script]
+    for option, path in (("--output-dir", out), ("--config", config), ("the package's launch/slurm", scripts)):
+        check_job_path(option, path, bool(args.container_image))
     nproc = args.gpus_per_node or args.nproc_per_node or 1
     if args.script == "train":
         validate_train_config(config, args.set, out, args.nodes * nproc)

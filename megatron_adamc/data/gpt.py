@@ -15,8 +15,9 @@ from collections.abc import Iterator, Sequence
 from megatron_adamc.data.blend import Blend, parse_blend
 from megatron_adamc.data.files import cache_lock
 from megatron_adamc.data.megatron_import import quiet_megatron_import
+from megatron_adamc.data.provenance import VocabGuard
 from megatron_adamc.data.tokenizer import Tokenizer
-from megatron_adamc.data.validate import check_split_sizes
+from megatron_adamc.data.validate import check_eval_pass, check_split_sizes
 from megatron_adamc.errors import DataError
 
 
@@ -33,6 +34,12 @@ def _process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextlib.contextmanager
@@ -78,6 +85,8 @@ def build_gpt_datasets(
     # Before megatron-core: a split with no tokens would hang it (GPTDataset._get_num_epochs) and a bad split string
     # would be misread.
     check_split_sizes(train[0], valid[0] if valid is not None else None, split, seq_len)
+    world = _world_size()
+    check_eval_pass(train, valid, split, seq_len, num_valid_samples // world if num_valid_samples else None)
     if valid is not None and valid[1] is not None and num_valid_samples is None:
         raise DataError("data.valid has weights, so the number of validation samples must be given")
     if not isinstance(tokenizer, Tokenizer):
@@ -110,13 +119,24 @@ def build_gpt_datasets(
         **blend_kwargs,
     )
     sizes = [num_train_samples, num_valid_samples, 0]
-    with _process_group(), _index_cache_lock(cache_dir):
-        datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    try:
+        with _process_group(), _index_cache_lock(cache_dir):
+            datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    except OSError as err:  # megatron-core writes its index cache in place (a read-only or full folder)
+        where = err.filename or cache_dir
+        raise DataError(
+            f"data.index_cache_dir: cannot write megatron-core's index cache {where} ({err.strerror or err}); set "
+            "data.index_cache_dir to a writable folder"
+        ) from None
     train_ds, valid_ds = datasets[0], datasets[1]
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.train: no training samples of length {seq_len}; use more data or a shorter seq_len")
     if valid_ds is not None and len(valid_ds) == 0:
         raise DataError(f"data.valid: fewer tokens than train.seq_len={seq_len}; use more validation data")
+    # Every sample checked against the vocabulary as it is read (data/provenance.py): never an IndexError.
+    train_ds = VocabGuard(train_ds, tokenizer, train[0], "data.train")
+    if valid_ds is not None:
+        valid_ds = VocabGuard(valid_ds, tokenizer, (valid or train)[0], "data.valid" if valid else "data.train")
     return train_ds, valid_ds
 
 

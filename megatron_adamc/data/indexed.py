@@ -20,6 +20,7 @@ from tqdm import tqdm
 from megatron_adamc.data.documents import check_first_record, check_inputs, iter_documents
 from megatron_adamc.data.files import temp_name
 from megatron_adamc.data.megatron_import import quiet_megatron_import
+from megatron_adamc.data.provenance import write_record
 from megatron_adamc.data.tokenizer import Tokenizer
 from megatron_adamc.errors import DataError
 
@@ -99,7 +100,7 @@ def preprocess(
     final = {ext: output_prefix + ext for ext in (".bin", ".idx")}
     tmp = {ext: temp_name(path) for ext, path in final.items()}
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    documents = tokens = skipped = 0
+    documents = tokens = skipped = top = 0
     start = time.perf_counter()
     bar = tqdm(desc=f"preprocess {os.path.basename(output_prefix)}", unit="doc", disable=not progress)
     builder = None
@@ -113,6 +114,7 @@ def preprocess(
                 if append_eod:
                     ids.append(tokenizer.eod)
                 builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                top = max(top, max(ids))
                 documents += 1
                 tokens += len(ids)
             bar.update(len(encoded))
@@ -132,5 +134,6 @@ def preprocess(
     bar.close()
     os.replace(tmp[".bin"], final[".bin"])
     os.replace(tmp[".idx"], final[".idx"])  # the .idx last: a reader that finds it finds the matching .bin
+    write_record(output_prefix, tokenizer, top)  # which tokenizer made them (data/provenance.py)
     seconds = time.perf_counter() - start
     return PreprocessStats(documents, tokens, skipped, seconds, np.dtype(dtype).name)

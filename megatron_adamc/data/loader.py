@@ -10,9 +10,11 @@ one integer, ``consumed_samples``: a loader started at a checkpoint's value yiel
 
 Workers ignore SIGTERM, SIGUSR1 and SIGINT: Slurm signals every process of a job step, and the trainer's
 preemption handler (in the parent) decides when to stop and then closes the loader; a worker killed by the signal
-would instead crash the step. A worker whose parent dies (even by SIGKILL) exits by itself within
-``MP_STATUS_CHECK_INTERVAL`` (5 s): DataLoader's watchdog. An exception in a worker is raised in the parent by
-``next`` (with the worker's traceback); a worker that dies is reported there as an error, not a hang.
+would instead crash the step. A worker whose parent dies (even by SIGKILL) ends within
+moments: the kernel kills it (``PR_SET_PDEATHSIG``, see ``die_with_parent``; DataLoader's own watchdog only looks
+between batches). An exception in a worker is raised in the parent by ``next``: a project error (a token id
+outside the vocabulary) as its one line, anything else with the worker's traceback; a worker that dies is reported
+there as an error, not a hang.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils import signal_handling
 
 from megatron_adamc.data.sampler import collate, iter_batch_indices
-from megatron_adamc.errors import ConfigError
+from megatron_adamc.errors import ConfigError, MegatronAdamCError
 
 
 class _Batch:
@@ -112,7 +114,7 @@ class _Receiver(threading.Thread):
                 except queue.Empty:
                     raise RuntimeError("BatchLoader has stopped: an earlier next() raised its error") from None
             if err is not None:
-                raise err
+                raise _one_line(err)
             return batch
 
     def stop(self) -> None:
@@ -121,9 +123,51 @@ class _Receiver(threading.Thread):
         self.batches = None  # the last reference to DataLoader's iterator: its workers shut down now
 
 
+def _one_line(err: BaseException) -> BaseException:
+    """A project error raised in a worker, as its own one line: DataLoader re-raises it in the parent with the
+    worker's whole traceback as the message (``ExceptionWrapper``), which the CLI would print as is."""
+    if not isinstance(err, MegatronAdamCError) or "Traceback" not in str(err):
+        return err
+    last = str(err).strip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    clean = type(err)(last.removeprefix(prefix))
+    clean.__cause__ = None
+    clean.__suppress_context__ = True
+    return clean
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
+    """Every worker's start: Slurm's stop signals ignored, and an end tied to its parent's (``die_with_parent``)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the thread that forked it ends (Linux ``PR_SET_PDEATHSIG``).
+
+    WHY: a worker ignores SIGTERM (above), and DataLoader's own watchdog only looks for its parent between two
+    batches: a worker blocked handing over a batch outlived a ``kill -9`` of the trainer for minutes (390 MB
+    resident). The kernel's signal needs nothing from the worker. The parent may already be gone when this runs
+    (killed between the fork and here): then the worker ends at once. Elsewhere than Linux, a no-op.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
@@ -190,7 +234,7 @@ class BatchLoader:
         if self._receiver is not None:
             tokens, labels = self._receiver.get().tensors()
         elif self._iterator is not None:
-            tokens, labels = next(self._iterator).tensors()
+            tokens, labels = next(self._iterator).tensors()  # the synchronous path: errors raise here as they are
         else:
             raise RuntimeError("BatchLoader is closed")
         self.consumed_samples += self.micro_batch * self.dp_size

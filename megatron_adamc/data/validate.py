@@ -19,6 +19,8 @@ import numpy as np
 
 from megatron_adamc.errors import DataError
 
+Blend = tuple[list[str], list[float] | None]  # as data/blend.py parses it (that module imports this one)
+
 # The .idx layout megatron-core's IndexedDatasetBuilder writes (megatron/core/datasets/indexed_dataset.py): magic,
 # version (u64), token dtype code (u8), sequence count (u64), document count (u64); then int32 sequence lengths,
 # int64 byte pointers into the .bin, int64 document offsets; multimodal indexes add one int8 mode per sequence.
@@ -189,3 +191,39 @@ def check_split_sizes(
                     f"{label}: the {name} split of {prefix} gets {end - begin} documents ({tokens} tokens) of "
                     f"{files.documents}; {need}: {fix}"
                 )
+
+
+def validation_tokens(train: Blend, valid: Blend | None, split: str | None) -> int | None:
+    """Tokens in one pass over the validation set (None: weighted, so a pass is not defined by the files)."""
+    if valid is not None:
+        return None if valid[1] is not None else sum(check_indexed_files(p, "data.valid").tokens for p in valid[0])
+    if split is None or train[1] is not None:
+        return None
+    total = 0
+    for prefix in train[0]:
+        files = check_indexed_files(prefix, "data.train")
+        bounds = split_document_ranges(parse_split(split), files.documents)[1]
+        if bounds is not None:
+            total += int(files.sequence_lengths[bounds[0] : bounds[1]].sum(dtype=np.int64))
+    return total
+
+
+def check_eval_pass(
+    train: Blend, valid: Blend | None, split: str | None, seq_len: int, samples_per_rank: int | None
+) -> None:
+    """One rank's validation pass (``eval.batches`` x micro batch samples) must not exceed the validation set: beyond
+    it every rank evaluates the same samples again (megatron-core repeats the set, building an index per repeat),
+    and ``eval.batches`` 1e6 ran until killed. Ranks together may read the set more than once (small sets, many
+    ranks), as each rank's pass is a whole estimate."""
+    if not samples_per_rank:
+        return
+    tokens = validation_tokens(train, valid, split)
+    if tokens is None:
+        return
+    per_pass = max(0, (tokens - 1) // seq_len)
+    if samples_per_rank > per_pass:
+        raise DataError(
+            f"eval.batches: each rank's validation pass would read {samples_per_rank:,} samples (eval.batches x "
+            f"train.micro_batch_size), but the validation set holds {per_pass:,} of train.seq_len={seq_len} "
+            f"({tokens:,} tokens): lower eval.batches so the pass fits, or add validation data"
+        )

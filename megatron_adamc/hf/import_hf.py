@@ -67,10 +67,32 @@ def _sentencepiece(path: Path, vocab_size: int) -> tuple[Tokenizer | None, str |
     try:
         tokenizer = Tokenizer(str(path), field=str(path.parent))
     except DataError:
-        return None, f"{path} is not a SentencePiece model (tiktoken?)"
+        if _is_tiktoken(path):
+            return None, f"{path} is a tiktoken BPE file (Llama 3's), not a SentencePiece model"
+        raise DataError(
+            f"{path}: neither a SentencePiece model nor a tiktoken BPE file (damaged, or not a tokenizer); replace "
+            f"it with the model's tokenizer, or remove it to import the weights without one"
+        ) from None
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"{path}: {tokenizer.vocab_size} pieces, above the model's vocab_size={vocab_size}")
     return tokenizer, None
+
+
+def _is_tiktoken(path: Path) -> bool:
+    """Llama 3's tokenizer.model: lines of ``<base64 token> <rank>``; the first 64 lines are enough to tell."""
+    import base64
+    import binascii
+    import itertools
+
+    try:
+        with open(path, encoding="ascii") as handle:
+            lines = [line.split() for line in itertools.islice(handle, 64) if line.strip()]
+        for token, rank in lines:
+            base64.b64decode(token, validate=True)
+            int(rank)
+    except (OSError, UnicodeDecodeError, ValueError, binascii.Error):
+        return False
+    return bool(lines)
 
 
 def train_yaml(

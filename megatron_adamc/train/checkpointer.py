@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class Checkpointer:
         self.dir = run_dir / "checkpoints"
         self.log = log
         self.last_saved: str | None = None
+        self.pending_set_aside: list[Path] | None = None  # find_resume's fresh start, for start_afresh
 
     # ------------------------------------------------------------------ decisions
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -124,14 +126,17 @@ class Checkpointer:
             return None
 
     # ------------------------------------------------------------------ resume
-    def find_resume(self) -> Candidate | None:
+    def find_resume(self, set_aside: bool = True) -> Candidate | None:
         """The newest verified checkpoint (same answer on every rank), None for a fresh run.
 
-        Raises CheckpointError when step directories exist but none verifies: starting over would silently drop a
-        run, so nothing is deleted and the user decides.
+        A ``step_N`` without a manifest is a save that never completed, not a checkpoint: when nothing complete is
+        left to resume, those are renamed aside (``set_aside``, the trainer: by ``start_afresh``) and the run starts
+        afresh, its old ``metrics.jsonl`` set aside with them, so a requeued job never fails forever on a kill
+        during its first save. Raises CheckpointError, deleting nothing, when a complete checkpoint exists but none
+        verifies (the user decides), or when ``latest`` names a checkpoint but every ``step_N`` is gone (deleted?).
         """
         dirs = _broadcast([(step, str(path)) for step, path in self.step_dirs()] if _rank() == 0 else None)
-        rejected: list[str] = []
+        rejected: list[tuple[Path, str]] = []
         for step, path_str in dirs:
             path = Path(path_str)
             reason, state = self._verify(path), None
@@ -145,14 +150,57 @@ class Checkpointer:
                 reason = _first(_gather(local))
             if reason is None:
                 return Candidate(path.name, step, path, state)
-            rejected.append(f"{path.name} ({reason})")
+            rejected.append((path, reason))
             self.log(f"checkpoint {path} skipped: {reason}")
-        if rejected:
+        pointer = self.pointer()
+        incomplete = [path for path, reason in rejected if reason == manifest.INCOMPLETE]
+        if pointer is not None and not (self.dir / pointer).is_dir():
+            gone = f"checkpoints/latest names {pointer}, but it is gone"
+            if not rejected:
+                raise CheckpointError(
+                    f"{self.dir}: {gone} and no step_N folder is left (deleted?). Nothing was changed: restore the "
+                    "checkpoints, or start a new run in another --output-dir"
+                )
+        if len(incomplete) < len(rejected) or (incomplete and pointer is not None):
+            listed = "; ".join(f"{path.name} ({reason})" for path, reason in rejected)
             raise CheckpointError(
-                f"no loadable checkpoint in {self.dir}: {'; '.join(rejected)}. Nothing was deleted; move the "
-                "directory away to start a new run, or restore a good step_N from a backup"
+                f"no loadable checkpoint in {self.dir}: {listed}. Nothing was deleted; move the directory away to "
+                "start a new run, or restore a good step_N from a backup"
             )
+        if set_aside:
+            self.pending_set_aside = incomplete  # renamed by start_afresh(), once the run is sure to start
+        elif incomplete:
+            raise CheckpointError(f"{self.dir}: no complete checkpoint (only saves that never completed: "
+                                  f"{', '.join(p.name for p in incomplete)}); train further first")  # fmt: skip
         return None
+
+    def start_afresh(self) -> None:
+        """After ``find_resume`` found nothing to resume, and once the run is built (a refusal before this leaves the
+        directory as it was): rank 0 renames aside what a fresh start would otherwise mix with, the saves that never
+        completed and the rows of the attempt that made them (or of any attempt that saved nothing), each named in
+        the log. Collective; a no-op after a resume."""
+        from megatron_adamc.metrics_file import MetricsFile
+
+        incomplete, self.pending_set_aside = self.pending_set_aside, None
+        if incomplete is None:
+            return
+
+        metrics = MetricsFile(self.dir.parent / "metrics.jsonl")
+        if _rank() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for path in incomplete:
+                aside = path.with_name(f"{path.name}.incomplete-{stamp}")
+                path.rename(aside)
+                self.log(f"{path} is a save that never completed (no manifest.json), not a checkpoint: set aside "
+                         f"as {aside.name}")  # fmt: skip
+            if metrics.exists() and metrics.read().rows:
+                rows = metrics.read().rows
+                aside = metrics.path.with_name(f"metrics.set-aside-{stamp}.jsonl")  # still a metrics file to tools
+                metrics.path.rename(aside)
+                self.log(f"no checkpoint to resume, so the run starts at step 1; {metrics.path.name} held "
+                         f"{len(rows)} rows up to step {rows[-1]['step']} of an earlier attempt: set aside as "
+                         f"{aside.name}")  # fmt: skip
+        _barrier()
 
     def _verify(self, path: Path) -> str | None:
         """Each rank checks a share of the files; the first problem any rank found, or None (collective)."""
@@ -287,7 +335,7 @@ def verified_checkpoint(run_dir: Path, step: int | None = None, log: Callable[[s
     group; raises CheckpointError naming what is wrong."""
     checkpointer = Checkpointer(None, run_dir, log)
     if step is None:
-        candidate = checkpointer.find_resume()
+        candidate = checkpointer.find_resume(set_aside=False)
         if candidate is None:
             raise CheckpointError(f"{checkpointer.dir}: no checkpoint yet; train first, or pass --step N")
         return candidate.path

@@ -18,7 +18,8 @@ from megatron_adamc.tracking.config import TrackingConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere: a value of .inf (YAML) must not become a loop bound or a ratio.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(BaseModel):
@@ -72,6 +73,10 @@ class TrainSection(_Section):
     steps: int = Field(300, gt=0)
     micro_batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(
+        None, gt=0, description="samples per optimizer step over all ranks; when set, grad_accum follows from it "
+        "(global / (micro batch x ranks)) and a rank count that cannot divide it is refused",
+    )  # fmt: skip
     seq_len: int = Field(256, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
     deepspeed: str = Field("configs/deepspeed/zero1.json", description="DeepSpeed JSON: ZeRO stage, precision")
@@ -85,6 +90,10 @@ class TrainSection(_Section):
         None, gt=1, description="skip the update when the loss exceeds this ratio of its running mean (off: null)"
     )
     spike_skip_window: int = Field(50, gt=1, description="good losses in the running mean spike_skip_ratio compares to")
+    max_weight_growth: float | None = Field(
+        100.0, gt=1, description="refuse to save (exit 3) weights whose norm grew more than this factor since the last "
+        "checkpoint (or the start): an lr blow-up with a finite loss; null turns it off",
+    )  # fmt: skip
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none",
         description="full: recompute every block; selective: keep matmul and attention outputs, recompute the cheap "
@@ -142,7 +151,7 @@ class LoggingSection(_Section):
 
 
 class TrainConfig(_Section):
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="numpy's seed range: 0 .. 2**32-1")
     model: ModelSection = ModelSection()
     optimizer: OptimizerSection = OptimizerSection()
     scheduler: SchedulerSection = SchedulerSection()
@@ -178,6 +187,58 @@ def one_line(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise UserError(
+                    f"{key_node.start_mark.name}: key '{key}' is given twice (lines {seen[key]} and {line}); "
+                    "keep one of them"
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text with duplicate keys refused; a syntax error is one UserError naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_loader(source))  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{source}: not valid YAML ({problem}{where})") from None
+
+
+def _loader(source: str) -> Any:
+    def make(stream: str) -> _StrictLoader:
+        loader = _StrictLoader(stream)
+        loader.name = source
+        return loader
+
+    return make
+
+
+def read_text_file(path: Path, field: str) -> str:
+    """A config file's text: UTF-8, no NUL bytes; else one UserError (a binary file, a latin-1 export)."""
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise UserError(f"{field} {path}: a binary file, not YAML text; pass a .yaml file such as "
+                        "configs/train/llama_tiny.yaml")  # fmt: skip
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{field} {path}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); save it as UTF-8"
+        ) from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``a.b.c=value`` (value parsed as YAML) into the nested dict."""
     for item in overrides:
@@ -186,23 +247,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
         node = raw
         parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"--set {item!r}: {key!r} has an empty part; write section.key=value")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise UserError(f"--set {key}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        node[parts[-1]] = parse_yaml(value, f"--set {key}") if value != "" else None
     return raw
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    given = path
     path = find_file(path)
+    if path.is_dir():
+        raise UserError(f"--config {given}: is a folder; pass a YAML file such as configs/train/llama_tiny.yaml")
     if not path.is_file():
         raise UserError(f"--config {path}: no such file; pass a YAML file such as configs/train/llama_tiny.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = parse_yaml(read_text_file(path, "--config"), str(path))
+    if raw is None or raw == {}:
+        raise UserError(f"--config {path}: the config is empty (no settings, only comments or blank lines); "
+                        "start from configs/train/llama_tiny.yaml")  # fmt: skip
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])

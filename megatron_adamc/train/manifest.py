@@ -16,6 +16,9 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 VERSION = 1
+# Why a step directory without a manifest is rejected: a save that never completed (the checkpointer sets such
+# directories aside instead of refusing to start).
+INCOMPLETE = "no manifest.json (the save did not complete)"
 _CHUNK = 1 << 22
 
 
@@ -70,7 +73,7 @@ def read_manifest(tag_dir: Path) -> dict[str, Any]:
     """The manifest, or ValueError naming why it is unusable."""
     path = tag_dir / MANIFEST
     if not path.is_file():
-        raise ValueError("no manifest.json (the save did not complete)")
+        raise ValueError(INCOMPLETE)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

@@ -69,6 +69,11 @@ def plan_resume(saved: dict[str, Any], current: dict[str, Any], saved_world: int
     micro, grad_accum = int(current["train.micro_batch_size"]), int(current["train.grad_accum"])
     global_batch = int(saved["global_batch"])
     if world != saved_world and micro * grad_accum * world != global_batch:
+        if global_batch < world:
+            raise ResumeError(
+                f"the run's global batch of {global_batch} sample(s) cannot be split over {world} ranks (each rank "
+                f"needs at least one sample a step): resume on at most {global_batch} rank(s)"
+            )
         if global_batch % (micro * world):
             raise ResumeError(
                 f"the run's global batch of {global_batch} samples cannot be kept on {world} rank(s) with "
@@ -96,5 +101,23 @@ def plan_resume(saved: dict[str, Any], current: dict[str, Any], saved_world: int
 
 
 def _divisor(n: int, near: int) -> int:
-    """The divisor of ``n`` closest to ``near`` (a micro batch to suggest)."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
+    """The divisor of ``n`` closest to ``near`` (a micro batch to suggest; 1 when ``n`` is 0)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d), default=1)
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What a checkpoint records of the tokenizer it was trained with."""
+    return {"path": str(tokenizer.path), "sha256": tokenizer.sha256, "vocab_size": int(tokenizer.vocab_size)}
+
+
+def check_same_tokenizer(saved: dict[str, Any] | None, tokenizer: Any, tag: str) -> None:
+    """The tokenizer file may not change under a run, even at the same path (``data.tokenizer`` compares only the
+    path): the model's vocabulary and every token's meaning come from it. ``saved``: the checkpoint's record
+    (``tokenizer_identity``; older checkpoints have none)."""
+    if not isinstance(saved, dict) or saved.get("sha256") in (None, tokenizer.sha256):
+        return
+    raise ResumeError(
+        f"the tokenizer changed under this run: {tag} was trained with {saved.get('path')} ({saved.get('vocab_size')} "
+        f"pieces, sha256 {str(saved['sha256'])[:12]}), now {tokenizer.path} has {tokenizer.vocab_size} pieces (sha256 "
+        f"{tokenizer.sha256[:12]}). Restore the run's tokenizer, or start a new run in another --output-dir"
+    )

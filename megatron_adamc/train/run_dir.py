@@ -17,11 +17,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_adamc.errors import RunLockedError
+from megatron_adamc.errors import RunLockedError, UserError
 from megatron_adamc.train.manifest import atomic_write_text
 
 LOCK = ".lock"
 RUN_INFO = "run.json"
+# What the trainer keeps in a run directory, and what each must be: "file" or "dir".
+BOOKKEEPING = {LOCK: "file", RUN_INFO: "file", "metrics.jsonl": "file", "checkpoints": "dir", "tb": "dir"}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory the trainer can continue without dropping anything: each of its own names is of the right
+    kind (a ``metrics.jsonl`` folder would be written into), and ``run.json``, the run's history, is readable
+    (a crash cannot tear it: it is replaced atomically, so an unreadable one is foreign, and is never overwritten)."""
+    if not run_dir.is_dir():
+        return
+    for name, kind in BOOKKEEPING.items():
+        path = run_dir / name
+        if not os.path.lexists(path):
+            continue
+        if kind == "file" and not path.is_file():
+            raise UserError(f"--output-dir {run_dir}: {name} is a folder (or not a regular file) where the trainer "
+                            f"keeps its {name} file; move it away or choose another --output-dir")  # fmt: skip
+        if kind == "dir" and not path.is_dir():
+            raise UserError(f"--output-dir {run_dir}: {name} is a file where the trainer keeps its {name}/ folder; "
+                            "move it away or choose another --output-dir")  # fmt: skip
+    info = run_dir / RUN_INFO
+    if info.is_file():
+        why = None
+        try:
+            data = json.loads(info.read_bytes().decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("invocations", []), list):
+                why = "not a run record (no invocations list)"
+        except (UnicodeDecodeError, ValueError) as err:
+            why = f"not valid JSON ({str(err).splitlines()[0]})"
+        if why is not None:
+            raise UserError(
+                f"--output-dir {run_dir}: {RUN_INFO} is unreadable: {why}. It holds the run's history and is never "
+                "overwritten: restore it, or move it away to start a new history"
+            )
 
 
 class RunLock:
@@ -104,8 +138,8 @@ def append_run_info(run_dir: Path, header: dict[str, Any], invocation: dict[str,
     if path.is_file():
         try:
             invocations = list(json.loads(path.read_text()).get("invocations", []))
-        except (OSError, ValueError, AttributeError):
-            invocations = []  # unreadable: a crash mid-write cannot happen (atomic), so this is a foreign file
+        except (OSError, ValueError, AttributeError) as err:  # check_run_dir refused it before; never drop a history
+            raise UserError(f"{path}: unreadable ({err}); restore it or move it away") from None
     info = {**header, "invocations": [*invocations, invocation]}
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 

@@ -20,6 +20,8 @@ class TrainerState:
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config that saved it
     guard: dict[str, Any] = field(default_factory=dict)  # DivergenceGuard.state_dict()
     tracker: dict[str, Any] | None = None  # Tracker.state_dict(), None when tracking was off
+    weight_norm: float | None = None  # L2 norm of all weights at the save (the guard's weight-growth reference)
+    tokenizer: dict[str, Any] | None = None  # path, sha256 and vocabulary of the tokenizer it was trained with
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -55,12 +55,12 @@ from megatron_adamc.train.config import TrainConfig
 from megatron_adamc.train.deepspeed_config import precision, zero_stage
 from megatron_adamc.train.distributed import DistEnv, all_mean, init_distributed
 from megatron_adamc.train.evaluator import Evaluator
-from megatron_adamc.train.guard import DivergenceGuard, poison
+from megatron_adamc.train.guard import DivergenceGuard, poison, weight_norm
 from megatron_adamc.train.jit_locks import watch_for_stale_locks
 from megatron_adamc.train.metrics import DeviceStats, MetricsLogger
 from megatron_adamc.train.preemption import PreemptionHandler
 from megatron_adamc.train.preflight import preflight
-from megatron_adamc.train.resume import ResumePlan, plan_resume, run_identity
+from megatron_adamc.train.resume import ResumePlan, check_same_tokenizer, plan_resume, run_identity, tokenizer_identity
 from megatron_adamc.train.run_dir import RunLock, append_run_info, invocation_info, run_header
 from megatron_adamc.train.schedule import LRSchedule
 from megatron_adamc.train.state import TrainerState
@@ -159,6 +159,8 @@ class Trainer:
         global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
         num_valid = config.eval.batches * tc.micro_batch_size * env.world_size
         data = build_data(config, env, tc.steps * global_batch, num_valid)
+        if candidate is not None:  # the tokenizer swapped in place under the run
+            check_same_tokenizer(candidate.state.tokenizer, data.tokenizer, candidate.tag)
         torch.manual_seed(config.seed)
         model = build_model(config, data.tokenizer.vocab_size)
         if candidate is None and config.checkpoint.init_from:
@@ -178,6 +180,7 @@ class Trainer:
             _restore(engine, checkpointer, candidate, load_tag, config, plan, env)
             guard.load_state_dict(state.guard)
         components: list[Component] = [DeviceStats(model.flops_per_token(tc.seq_len), env)]
+        checkpointer.start_afresh()  # a fresh start sets aside incomplete saves and old rows (nothing to resume)
         logger = MetricsLogger(run_dir, config, tc.steps, state.step, env.is_main)
         tracking = None
         if config.tracking.enabled:
@@ -214,6 +217,7 @@ class Trainer:
             )  # fmt: skip
             if self.plan.world_size_changed:
                 self.log("world size changed: RNG streams reseeded from (seed, step, rank); data order unchanged")
+        self.guard.observe_start(self.start_step, weight_norm(self.engine))  # the reference of the weights' norm
         preemption = PreemptionHandler().install()
         result: dict[str, Any] = {"step": self.start_step}
         step = self.start_step
@@ -233,12 +237,14 @@ class Trainer:
                 self._after_bad_step(step, out)
                 stop = preemption.should_stop()
                 pause = tc.stop_at_step is not None and step >= tc.stop_at_step
+                saved = False
                 if self.checkpointer.should_save(step, last) or stop or pause:
-                    self._save(step)
+                    saved = self._save(step)
                 if stop or pause:
                     why = "interrupted (Ctrl-C)" if preemption.interrupted else "preemption"
                     why = f"train.stop_at_step={step}" if pause and not stop else f"step {step} for {why}"
-                    logger.write(f"stopping at {why}; checkpoint saved, run again to continue")
+                    done = "checkpoint saved" if saved else f"no checkpoint of it (last good: {self._last_good()})"
+                    logger.write(f"stopping at {why}; {done}, run again to continue")
                     if stop and env.is_main and not preemption.interrupted:
                         preemption.requeue()
                     result["preempted" if stop else "paused"] = True
@@ -249,7 +255,7 @@ class Trainer:
             for component in self.components:
                 component.close()
             self.lock.release()
-        if self.guard.consecutive_bad and not (result.get("preempted") or result.get("paused")):
+        if self.guard.consecutive_bad and not result.get("preempted"):  # stop_at_step on a bad step is no pause
             raise DivergenceError(
                 f"the run ended on {self.guard.consecutive_bad} non-finite/skipped step(s) at step {step}; "
                 f"last good checkpoint: {self._last_good()}"
@@ -319,10 +325,11 @@ class Trainer:
         tag = self.checkpointer.last_saved or self.resumed_from or self.checkpointer.pointer()
         return str(self.checkpointer.dir / tag) if tag else "none (the run has not saved one yet)"
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> bool:
+        """Write a checkpoint of ``step``; False when the step is being skipped (the last good one stays)."""
         if self.guard.consecutive_bad:
             self.logger.write(f"step {step}: no checkpoint while steps are being skipped; the last good one stays")
-            return
+            return False
         ok = torch.tensor([1 if optimizer_state_is_finite(self.engine) else 0], dtype=torch.int32)
         if dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -331,13 +338,23 @@ class Trainer:
                 f"step {step}: the optimizer state holds non-finite values, so no checkpoint was written; last good "
                 f"checkpoint: {self._last_good()}"
             )
+        norm = weight_norm(self.engine)
+        unusable = self.guard.unusable_weights(step, norm)
+        if unusable is not None:
+            raise DivergenceError(
+                f"step {step}: {unusable}, so no checkpoint was written; last good checkpoint: {self._last_good()}. "
+                "Lower optimizer.lr and resume from it"
+            )
+        self.guard.weights_saved(step, norm)
         state = TrainerState(
             step=step, consumed_samples=self.batches.consumed_samples, world_size=self.env.world_size,
             global_batch=self.identity["global_batch"], identity=self.identity,
             config=self.config.model_dump(mode="json"), guard=self.guard.state_dict(),
             tracker=self.tracking.state_dict() if self.tracking is not None else None,
+            weight_norm=norm, tokenizer=tokenizer_identity(self.data.tokenizer),
         )  # fmt: skip
         self.checkpointer.save(self.engine, step, state.state_dict())
+        return True
 
     def _write_run_info(self) -> None:
         if self.env.is_main:

@@ -28,9 +28,12 @@ echo "[node.sh] $(hostname) slurm node ${SLURMD_NODENAME:-?} id ${SLURM_NODEID}/
 
 # Ignored signals stay ignored across exec: torchrun inherits SIG_IGN for USR1 and TERM (the workers too, until
 # their PreemptionHandler installs its handlers).
+# The launcher: torchrun's own agent that exits with the failed rank's code (2 input, 3 diverged, 4 checkpoint,
+# 5 locked; megatron_adamc/cli/launch.py), where torchrun exits 1 for all of them. TORCHRUN overrides it.
+if [[ -n "${TORCHRUN:-}" ]]; then LAUNCHER=("${TORCHRUN}"); else LAUNCHER=(python3 -m megatron_adamc.cli.launch); fi
 (
     trap '' USR1 TERM
-    PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT" exec "${TORCHRUN:-torchrun}" \
+    PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT" exec "${LAUNCHER[@]}" \
         --nnodes="${SLURM_NNODES}" --node-rank="${SLURM_NODEID}" --nproc-per-node="${NPROC_PER_NODE}" \
         --master-addr="${MASTER_ADDR}" --master-port="${MASTER_PORT}" "$@"
 ) &
