@@ -206,7 +206,9 @@ def test_a_forked_run_equals_its_command_run_by_hand(stab, tmp_path):
 
     forked, by_hand = logged(out / "runs" / name / "metrics.jsonl"), logged(tmp_path / "by_hand" / "metrics.jsonl")
     assert forked[-1]["step"] == 60 and any("act_rms/layers.0.attn.qkv" in r for r in forked)
-    assert forked == by_hand
+    diffs = [(a.get("step"), k, a.get(k), b.get(k)) for a, b in zip(forked, by_hand, strict=True)
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
+    assert not diffs, f"{len(diffs)} numbers differ, first: {diffs[:8]}"
 
 
 def test_a_failed_run_stops_the_queue_starting_more(stab, tmp_path):

@@ -112,21 +112,22 @@ def first_out_of_range(prefixes: Sequence[str], vocab: int) -> tuple[str, int] |
 class VocabGuard:
     """A dataset whose items are checked: a token id at or above the vocabulary is one ``DataError``.
 
-    Wraps megatron-core's GPTDataset/BlendedDataset (``len``, indexing and every other attribute pass through).
+    Wraps megatron-core's GPTDataset/BlendedDataset (``len``, indexing and every other attribute pass through:
+    ``guard.dataset`` is the wrapped GPTDataset's own ``dataset``, its IndexedDataset, as for the unwrapped one).
     """
 
     def __init__(self, dataset: Any, tokenizer: Any, prefixes: Sequence[str], field: str) -> None:
-        self.dataset = dataset
+        self.wrapped = dataset
         self.vocab_size = tokenizer.vocab_size
         self.tokenizer = tokenizer
         self.prefixes = list(prefixes)
         self.field = field
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.wrapped)
 
     def __getitem__(self, index: int) -> Any:
-        item = self.dataset[index]
+        item = self.wrapped[index]
         top = max(int(item["tokens"].max()), int(item["labels"].max()))
         if top >= self.vocab_size:
             found = first_out_of_range(self.prefixes, self.vocab_size)
@@ -135,6 +136,6 @@ class VocabGuard:
         return item
 
     def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not set yet (unpickling): no recursion
+        if name == "wrapped":  # not set yet (unpickling): no recursion
             raise AttributeError(name)
-        return getattr(self.dataset, name)
+        return getattr(self.wrapped, name)

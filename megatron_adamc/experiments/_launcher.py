@@ -65,8 +65,8 @@ class TrainerPool:
         return ProcessPoolExecutor(self.workers, mp_context=context, max_tasks_per_child=1)
 
     def kill(self) -> None:
-        """SIGKILL every worker, which is every running run (a fresh-process run dies with its worker), then let the
-        pool go without waiting."""
+        """SIGKILL every worker, which is every running run (a fresh-process run dies with its worker), then close
+        the pool."""
         if self._pool is None:
             return
         pool, self._pool = self._pool, None
@@ -76,7 +76,9 @@ class TrainerPool:
         else:
             for process in list(pool._processes.values()):  # private: what kill_workers does
                 process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        # The workers are gone, so this returns at once; waiting lets the pool close its queues, whose semaphores
+        # would otherwise be reported as leaked by multiprocessing's resource tracker after the one-line exit.
+        pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -108,6 +110,9 @@ def run_trainer(
     environment, argv and output and runs what ``megatron-adamc train`` runs, ending the way every command ends
     (``report_errors``: one line and its code; an unexpected error: its traceback and 1, as an interpreter would).
     Otherwise it runs the command as a fresh process, which dies with the worker (Ctrl-C kills the workers)."""
+    # A run of its own process group: a terminal's Ctrl-C is the experiment's to handle (it kills its runs); reaching
+    # a run too, it would make the trainer checkpoint and exit 0 half-way, racing the experiment's own stop.
+    os.setpgrp()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     if not fork_server:
         try:
