@@ -20,6 +20,11 @@ test: setup-test
 	$(VENV)/ruff check . && $(VENV)/ruff format --check .
 	$(VENV)/python -m pytest -q -n 2 --dist loadfile
 
+# The unit tier (tests marked unit: model, config, plan, guard, schedule, resume rules, metrics file, tracking maths,
+# data validation, HF mapping, checkpointer units, results docs, refusals): the loop while changing code.
+test-fast: setup-test
+	$(VENV)/python -m pytest -q -n 2 -m unit
+
 bench: setup
 	$(VENV)/python benchmarks/optimizer_step.py
 

@@ -100,10 +100,10 @@ def part2() -> list[str]:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
+    from megatron_adamc.config.deepspeed_json import build_deepspeed_config
+    from megatron_adamc.config.train import load_config
     from megatron_adamc.plan import Hardware, plan_run
     from megatron_adamc.train.build import build_engine, build_model
-    from megatron_adamc.train.config import load_config
-    from megatron_adamc.train.deepspeed_config import build_deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config(REPO / "configs/train/llama_tiny.yaml")

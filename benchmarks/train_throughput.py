@@ -45,8 +45,8 @@ def _sync(device: torch.device) -> None:
 
 def trainer_block(config_path: str, overrides: list[str], steps: int, warmup: int, out: Path) -> dict[str, list[float]]:
     """One ``Trainer.train()`` of ``warmup + steps`` steps; the measured steps' in-trainer and wall times."""
+    from megatron_adamc.config.train import load_config
     from megatron_adamc.metrics_file import MetricsFile
-    from megatron_adamc.train.config import load_config
     from megatron_adamc.train.metrics import MetricsLogger
     from megatron_adamc.train.trainer import Trainer
 
@@ -93,9 +93,9 @@ class BareLoop:
     """The trainer's step with torch only: same model, batches, AdamW hyperparameters, schedule and clipping."""
 
     def __init__(self, config_path: str, overrides: list[str]) -> None:
+        from megatron_adamc.config.deepspeed_json import build_deepspeed_config, precision
+        from megatron_adamc.config.train import load_config
         from megatron_adamc.train.build import build_data
-        from megatron_adamc.train.config import load_config
-        from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision
         from megatron_adamc.train.distributed import init_distributed
 
         self.config = load_config(config_path, overrides)
@@ -182,7 +182,7 @@ def main() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, zero_stage
+    from megatron_adamc.config.deepspeed_json import build_deepspeed_config, precision, zero_stage
     from megatron_adamc.train.trainer import mfu as model_flops_utilization
 
     out = args.out or Path(tempfile.mkdtemp(prefix="train_throughput-"))

@@ -7,6 +7,7 @@ and the ``"decay_split"`` of DeepSpeed's optimizer build (HF Trainer, Accelerate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,8 +23,11 @@ def decay_param_groups(
     model: nn.Module,
     weight_decay: float | None = None,
     exclude_embeddings: bool = False,
+    adamc_exclude: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Two param groups, ``decay`` and ``no_decay`` (empty groups are dropped).
+    """Two param groups, ``decay`` and ``no_decay`` (empty groups are dropped), and with ``adamc_exclude`` a third,
+    ``decay_plain``: the decayed parameters those patterns match (``core.exclude``), marked ``adamc: False`` (they
+    keep AdamW's plain decay under AdamC).
 
     ``weight_decay``: the decay group's lambda; None leaves it to the optimizer's default (the DeepSpeed JSON).
     The no-decay group always gets weight_decay 0, so AdamC leaves it alone.
@@ -49,7 +53,29 @@ def decay_param_groups(
         groups.append(group)
     if no_decay:
         groups.append({"params": no_decay, "name": "no_decay", "weight_decay": 0.0})
-    return groups
+    return _split_adamc_excluded(model, groups, adamc_exclude) if adamc_exclude else groups
+
+
+def _split_adamc_excluded(model: nn.Module, groups: list[dict], patterns: Sequence[str]) -> list[dict]:
+    """Decayed params matching ``optimizer.adamc_exclude`` move to a copy of their group marked ``adamc: False``."""
+    from megatron_adamc.core.decay import AdamCError
+    from megatron_adamc.core.exclude import parse_exclude, pattern_matches
+
+    patterns = list(parse_exclude(patterns, "optimizer.adamc_exclude"))
+    if not patterns:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    hit = {id(p) for p in model.parameters() if any(pattern_matches(x, names[id(p)]) for x in patterns)}
+    if not hit:
+        raise AdamCError(f"optimizer.adamc_exclude {patterns} matched no parameter: give module names such as output")
+    out = []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in hit or group.get("weight_decay", 1.0) == 0.0]
+        moved = [p for p in group["params"] if id(p) in hit and group.get("weight_decay", 1.0) != 0.0]
+        out += [{**group, "params": kept}] if kept else []
+        if moved:
+            out.append({**group, "params": moved, "name": f"{group.get('name', 'group')}_plain", "adamc": False})
+    return out
 
 
 def count_params(groups: list[dict[str, Any]]) -> int:

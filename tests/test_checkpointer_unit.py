@@ -12,6 +12,8 @@ from megatron_adamc.errors import CheckpointError
 from megatron_adamc.train import manifest
 from megatron_adamc.train.checkpointer import Checkpointer, verified_checkpoint
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 
 def _checkpoint(ckpt_dir: Path, name: str, complete: bool = True) -> Path:
     path = ckpt_dir / name

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
+from megatron_adamc.config.train import load_config
 from megatron_adamc.errors import UserError
-from megatron_adamc.train.config import load_config
+
+pytestmark = pytest.mark.unit  # make test-fast
 
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
 

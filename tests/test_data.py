@@ -286,7 +286,7 @@ def test_a_second_job_on_the_same_index_cache_waits_for_the_first(data, tmp_path
     place, so the second must not look at them while the first holds the cache's lock; afterwards it reads them."""
     import threading
 
-    from megatron_adamc.data.files import cache_lock
+    from megatron_adamc.files import cache_lock
 
     cache = str(tmp_path / "cache")
     built: list[int] = []

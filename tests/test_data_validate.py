@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SMALL_TRAIN_SETS, subprocess_env
 
+from megatron_adamc.config.train import load_config
 from megatron_adamc.data import build_gpt_datasets, train_tokenizer
 from megatron_adamc.data.validate import (
     DEFAULT_SPLIT,
@@ -31,8 +32,9 @@ from megatron_adamc.data.validate import (
     split_document_ranges,
 )
 from megatron_adamc.errors import DataError
-from megatron_adamc.train.config import load_config
 from megatron_adamc.train.preflight import preflight
+
+pytestmark = pytest.mark.unit  # make test-fast
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

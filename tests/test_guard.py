@@ -11,6 +11,8 @@ import torch
 from megatron_adamc.train.build import master_tensors, optimizer_state_is_finite
 from megatron_adamc.train.guard import LOSS_SPIKE, NONFINITE_GRAD, NONFINITE_LOSS, DivergenceGuard, poison
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 
 def test_guard_decisions_and_streak() -> None:
     guard = DivergenceGuard(max_bad_steps=2, spike_ratio=1.5, spike_skip_window=3)
@@ -30,8 +32,8 @@ def test_guard_decisions_and_streak() -> None:
 
 def _engine(stage: int):
     import megatron_adamc.deepspeed as mad
+    from megatron_adamc.config.train import TrainConfig
     from megatron_adamc.train.build import build_engine
-    from megatron_adamc.train.config import TrainConfig
 
     config = TrainConfig.model_validate({"optimizer": {"torch_adam": True}})
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from megatron_adamc.cli import main
+from megatron_adamc.config.train import load_config
 from megatron_adamc.errors import CheckpointError
 from megatron_adamc.hf import export_hf, import_hf
 from megatron_adamc.hf.files import read_safetensors
 from megatron_adamc.model import Llama, LlamaConfig
 from megatron_adamc.model.weights import load_weights, read_weights, save_weights
-from megatron_adamc.train.config import load_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,6 +29,8 @@ HF_SHAPE = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=128, max_position_embeddings=64, rope_theta=5e5, rms_norm_eps=1e-5, initializer_range=0.1,
 )  # fmt: skip
+
+pytestmark = pytest.mark.unit  # make test-fast
 OURS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64, init_std=0.1)
 
 

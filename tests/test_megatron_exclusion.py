@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_adamc.config.train import OptimizerSection
 from megatron_adamc.core.decay import AdamCError
 from megatron_adamc.model import LlamaConfig
 from megatron_adamc.model.llama import Llama
 from megatron_adamc.param_groups import decay_param_groups
-from megatron_adamc.train.build import split_adamc_excluded
-from megatron_adamc.train.config import OptimizerSection
+
+pytestmark = pytest.mark.unit  # make test-fast
 
 
 def names(model, group) -> list[str]:
@@ -24,15 +25,16 @@ def test_the_trainer_moves_excluded_decayed_params_to_a_plain_group() -> None:
     model = Llama(LlamaConfig.from_preset("tiny"), seed=0)
     groups = decay_param_groups(model, weight_decay=0.1)
     assert OptimizerSection().adamc_exclude == []  # the default: every decayed group corrected (see docs)
-    split = split_adamc_excluded(model, groups, OptimizerSection(adamc_exclude=["output", "norm"]).adamc_exclude)
+    exclude = OptimizerSection(adamc_exclude=["output", "norm"]).adamc_exclude
+    split = decay_param_groups(model, weight_decay=0.1, adamc_exclude=exclude)
     by_name = {g["name"]: g for g in split}
     assert names(model, by_name["decay_plain"]) == ["output.weight"]  # norms are not decayed: nothing to exclude
     assert by_name["decay_plain"]["adamc"] is False and by_name["decay_plain"]["weight_decay"] == 0.1
     assert "adamc" not in by_name["decay"] and "output.weight" not in names(model, by_name["decay"])
     assert sum(len(g["params"]) for g in split) == sum(len(g["params"]) for g in groups)
-    assert split_adamc_excluded(model, groups, []) is groups
-    with pytest.raises(AdamCError, match="matched no parameter"):
-        split_adamc_excluded(model, groups, ["output_layer"])
+    assert [g["name"] for g in decay_param_groups(model, weight_decay=0.1, adamc_exclude=[])] == ["decay", "no_decay"]
+    with pytest.raises(AdamCError, match="optimizer.adamc_exclude .* matched no parameter"):
+        decay_param_groups(model, weight_decay=0.1, adamc_exclude=["output_layer"])
 
 
 def test_both_sides_read_the_same_group_key() -> None:

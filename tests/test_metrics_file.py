@@ -8,6 +8,8 @@ import pytest
 
 from megatron_adamc.metrics_file import MetricsFile, MetricsFileError
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 
 def test_round_trip_rows_events_and_non_finite(tmp_path) -> None:
     metrics = MetricsFile(tmp_path)

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 from megatron_adamc.model import PRESETS, PUBLISHED_PARAMS, Llama, LlamaConfig, apply_rope, lm_loss, rope_tables
 from megatron_adamc.model import llama as llama_module
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, max_seq_len=32)
 
 

@@ -12,12 +12,14 @@ import torch
 from conftest import REPO
 
 from megatron_adamc.cli import main
+from megatron_adamc.config.train import load_config
 from megatron_adamc.model import Llama, LlamaConfig
 from megatron_adamc.plan import GiB, Hardware, plan_json, plan_run
 from megatron_adamc.plan.activations import activation_memory
 from megatron_adamc.plan.measure import measure_activation_memory
 from megatron_adamc.plan.model_states import ZERO_DEFAULTS, ZeroSetup, model_states
-from megatron_adamc.train.config import load_config
+
+pytestmark = pytest.mark.unit  # make test-fast
 
 CONFIGS = REPO / "configs" / "train"
 # config, nodes, GPUs per node: the hardware each real-size config states (H100 80GB)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t(0.975, df)

@@ -61,6 +61,7 @@ def test_legitimate_changes_take_effect_and_are_logged(tmp_path, paused) -> None
     assert ["optimizer.lr", 0.003, 0.001] in info["invocations"][1]["changes"]
 
 
+@pytest.mark.unit
 def test_plan_keeps_the_global_batch_across_world_sizes() -> None:
     saved = {"train.micro_batch_size": 2, "train.grad_accum": 1, "global_batch": 8, "model.dim": 64}
     current = {**saved, "global_batch": 4}

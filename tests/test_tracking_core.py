@@ -15,6 +15,8 @@ from megatron_adamc.metrics_file import MetricsFile
 from megatron_adamc.tracking import TrackingConfig, tensorboard_tag, write_tensorboard
 from megatron_adamc.tracking.spike import SpikeAlarm
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 
 def test_unclip_factor_inverts_deepspeed_clipping() -> None:
     g = torch.randn(1000)

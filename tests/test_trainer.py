@@ -96,6 +96,7 @@ def test_deepspeed_json_contradiction(tmp_path, data_cache):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["cosine", "linear", "wsd", "constant"])
 def test_schedules_peak_at_one_and_end_at_min(kind):
     f = lr_multiplier(kind, steps=100, warmup=10, min_ratio=0.1, decay_fraction=0.2)

@@ -9,6 +9,8 @@ from megatron_adamc.train.component import due
 from megatron_adamc.train.state import TrainerState
 from megatron_adamc.train.tracking_hook import spike_line
 
+pytestmark = pytest.mark.unit  # make test-fast
+
 
 def test_trainer_state_round_trips_and_refuses_a_field_it_does_not_know() -> None:
     state = TrainerState(step=7, consumed_samples=56, world_size=2, global_batch=8, identity={"model.dim": 64},

@@ -27,7 +27,7 @@ from megatron_adamc.train.resume import plan_resume
 CONFIG = REPO / "configs" / "train" / "llama_tiny.yaml"
 
 
-pytestmark = pytest.mark.usefixtures("no_process_group")  # every case here must stop in preflight
+pytestmark = [pytest.mark.usefixtures("no_process_group"), pytest.mark.unit]  # every case stops in preflight
 
 
 def train_argv(out: Path | str, *sets: str, config: Path = CONFIG) -> list[str]:

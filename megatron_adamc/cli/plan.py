@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_adamc.config.train import load_config
     from megatron_adamc.plan import Hardware, format_plan, not_fit_line, plan_json, plan_run
-    from megatron_adamc.train.config import load_config
 
     hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.peak_tflops, args.mfu)
     # DeepSpeed (imported to check the JSON's keys) logs to stdout: keep stdout for the plan alone.

@@ -77,7 +77,7 @@ def validate_train_config(config: Path, overrides: list[str], run_dir: Path, wor
     """What ``megatron-adamc train`` checks before anything else, at the job's world size; raises its UserError."""
     import contextlib
 
-    from megatron_adamc.train.config import load_config
+    from megatron_adamc.config.train import load_config
     from megatron_adamc.train.preflight import preflight
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is the sbatch line

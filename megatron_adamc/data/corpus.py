@@ -14,8 +14,8 @@ import sys
 import sysconfig
 from dataclasses import asdict, dataclass
 
-from megatron_adamc.data.files import atomic_path
 from megatron_adamc.errors import DataError
+from megatron_adamc.files import atomic_path
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 TEST_DIRS = {"test", "tests", "idle_test"}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from megatron_adamc.data.corpus import write_stdlib_corpus
 from megatron_adamc.data.documents import iter_documents
-from megatron_adamc.data.files import atomic_path, cache_lock
 from megatron_adamc.data.indexed import preprocess
 from megatron_adamc.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_adamc.files import atomic_path, cache_lock
 
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_MAX_BYTES = 8_000_000

@@ -13,12 +13,12 @@ import os
 from collections.abc import Iterator, Sequence
 
 from megatron_adamc.data.blend import Blend, parse_blend
-from megatron_adamc.data.files import cache_lock
 from megatron_adamc.data.megatron_import import quiet_megatron_import
 from megatron_adamc.data.provenance import VocabGuard
 from megatron_adamc.data.tokenizer import Tokenizer
 from megatron_adamc.data.validate import check_eval_pass, check_split_sizes
 from megatron_adamc.errors import DataError
+from megatron_adamc.files import cache_lock
 
 
 @contextlib.contextmanager

@@ -18,11 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_adamc.data.documents import check_first_record, check_inputs, iter_documents
-from megatron_adamc.data.files import temp_name
 from megatron_adamc.data.megatron_import import quiet_megatron_import
 from megatron_adamc.data.provenance import write_record
 from megatron_adamc.data.tokenizer import Tokenizer
 from megatron_adamc.errors import DataError
+from megatron_adamc.files import temp_name
 
 CHUNK_DOCUMENTS = 32
 

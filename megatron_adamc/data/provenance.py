@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from megatron_adamc.data.files import atomic_path
 from megatron_adamc.data.validate import check_indexed_files
 from megatron_adamc.errors import DataError
+from megatron_adamc.files import atomic_path
 
 RECORD_SUFFIX = ".tokenizer.json"
 SCAN_LIMIT_BYTES = 1 << 30

@@ -28,8 +28,8 @@ def _preload() -> None:
             import megatron.core.datasets.blended_megatron_dataset_builder  # noqa: F401
             import megatron.core.datasets.gpt_dataset  # noqa: F401
 
+            import megatron_adamc.config.train  # noqa: F401
             import megatron_adamc.train.build  # noqa: F401
-            import megatron_adamc.train.config  # noqa: F401
             import megatron_adamc.train.trainer  # noqa: F401
     finally:
         sys.stdout.flush()

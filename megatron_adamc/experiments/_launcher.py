@@ -123,6 +123,11 @@ def run_trainer(
             os.close(fd)
     os.environ.clear()
     os.environ.update(env)
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():  # this process's fork server may have been started (torch imported) under other settings
+        import torch
+
+        torch.set_num_threads(int(threads))
     # multiprocessing made "forkserver" this process's default start method; a fresh interpreter has the platform's
     # (its DataLoader workers are forked, not started through a new fork server: ~5 s a run).
     multiprocessing.set_start_method(None, force=True)

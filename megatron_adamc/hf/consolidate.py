@@ -47,10 +47,12 @@ def consolidate_fp32(
     raise CheckpointError(f"{tag_dir}: no DeepSpeed checkpoint files ({MODEL_STATES} or *_optim_states.pt)")
 
 
-def group_names(model: nn.Module, exclude_embeddings: bool = False) -> list[list[str]]:
+def group_names(
+    model: nn.Module, exclude_embeddings: bool = False, adamc_exclude: Sequence[str] = ()
+) -> list[list[str]]:
     """The parameter names of each param group the trainer builds (``decay_param_groups``), in order."""
     names = {id(p): name for name, p in model.named_parameters()}
-    groups = decay_param_groups(model, exclude_embeddings=exclude_embeddings)
+    groups = decay_param_groups(model, exclude_embeddings=exclude_embeddings, adamc_exclude=adamc_exclude)
     return [[names[id(p)] for p in group["params"]] for group in groups]
 
 

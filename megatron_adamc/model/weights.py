@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from megatron_adamc.data.files import atomic_path
 from megatron_adamc.errors import CheckpointError
+from megatron_adamc.files import atomic_path
 from megatron_adamc.model.config import LlamaConfig
 
 FORMAT = "megatron-adamc-llama"

@@ -78,8 +78,8 @@ def _count(zero: dict[str, Any], key: str, path: str) -> int:
 
 
 def zero_setup(ds: dict[str, Any], path: str) -> ZeroSetup:
-    """The memory-relevant part of a DeepSpeed JSON (as ``train/deepspeed_config.py`` reads it)."""
-    from megatron_adamc.train.deepspeed_config import precision, zero_stage
+    """The memory-relevant part of a DeepSpeed JSON (as ``config/deepspeed_json.py`` reads it)."""
+    from megatron_adamc.config.deepspeed_json import precision, zero_stage
 
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):

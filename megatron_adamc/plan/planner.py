@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from megatron_adamc.config.model_shape import model_config
+from megatron_adamc.config.train import TrainConfig
 from megatron_adamc.errors import UserError
 from megatron_adamc.model.config import LlamaConfig
 from megatron_adamc.plan.activations import ActivationMemory, activation_memory
 from megatron_adamc.plan.model_states import ModelStates, ZeroSetup, communication_buffers, model_states, zero_setup
-from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.preflight import model_config
 
 GiB = 2**30
 # Memory outside PyTorch's allocator: the CUDA context (~0.5 GiB on an H100), NCCL's communicator buffers and the
@@ -176,7 +176,7 @@ def resolve_model(config: TrainConfig) -> tuple[LlamaConfig, str]:
 
 def plan_run(config: TrainConfig, hardware: Hardware) -> Plan:
     """The plan of ``config`` on ``hardware``; bad input raises a one-line ``UserError``."""
-    from megatron_adamc.train.deepspeed_config import build_deepspeed_config
+    from megatron_adamc.config.deepspeed_json import build_deepspeed_config
 
     for name, value in (("--nodes", hardware.nodes), ("--gpus-per-node", hardware.gpus_per_node)):
         if value < 1:

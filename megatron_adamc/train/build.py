@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from megatron_adamc.train.config import TrainConfig
+from megatron_adamc.config.model_shape import model_config
+from megatron_adamc.config.train import TrainConfig
 from megatron_adamc.train.distributed import DistEnv
-from megatron_adamc.train.preflight import model_config
 
 
 @dataclass
@@ -76,34 +76,14 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, ds_config: dict[st
     import megatron_adamc.deepspeed as mad
     from megatron_adamc.train.guard import zero0_overflow_guard
 
-    groups = mad.decay_param_groups(model, exclude_embeddings=config.optimizer.exclude_embeddings_from_decay)
-    groups = split_adamc_excluded(model, groups, config.optimizer.adamc_exclude)
+    groups = mad.decay_param_groups(
+        model, exclude_embeddings=config.optimizer.exclude_embeddings_from_decay,
+        adamc_exclude=config.optimizer.adamc_exclude,
+    )  # fmt: skip
     engine, *_ = mad.initialize(model=model, model_parameters=groups, config=ds_config)
     if not engine.zero_optimization() and not engine.bfloat16_enabled() and not engine.fp16_enabled():
         zero0_overflow_guard(engine.optimizer)
     return engine
-
-
-def split_adamc_excluded(model: torch.nn.Module, groups: list[dict], patterns: list[str]) -> list[dict]:
-    """Decayed params matching ``optimizer.adamc_exclude`` move to a copy of their group marked ``adamc: False``."""
-    if not patterns:
-        return groups
-    from megatron_adamc.core.decay import AdamCError
-    from megatron_adamc.core.exclude import parse_exclude, pattern_matches
-
-    patterns = list(parse_exclude(patterns, "optimizer.adamc_exclude"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    hit = {id(p) for p in model.parameters() if any(pattern_matches(x, names[id(p)]) for x in patterns)}
-    if not hit:
-        raise AdamCError(f"optimizer.adamc_exclude {patterns} matched no parameter: give module names such as output")
-    out = []
-    for group in groups:
-        kept = [p for p in group["params"] if id(p) not in hit or group.get("weight_decay", 1.0) == 0.0]
-        moved = [p for p in group["params"] if id(p) in hit and group.get("weight_decay", 1.0) != 0.0]
-        out += [{**group, "params": kept}] if kept else []
-        if moved:
-            out.append({**group, "params": moved, "name": f"{group.get('name', 'group')}_plain", "adamc": False})
-    return out
 
 
 def master_tensors(engine: Any) -> list[torch.Tensor]:

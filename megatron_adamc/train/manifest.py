@@ -14,40 +14,14 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from megatron_adamc.files import atomic_write_text, fsync_dir  # noqa: F401 (checkpointer writes the pointer with it)
+
 MANIFEST = "manifest.json"
 VERSION = 1
 # Why a step directory without a manifest is rejected: a save that never completed (the checkpointer sets such
 # directories aside instead of refusing to start).
 INCOMPLETE = "no manifest.json (the save did not complete)"
 _CHUNK = 1 << 22
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so a reader sees the old content or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def file_entry(path: Path) -> dict[str, int]:

@@ -15,46 +15,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_adamc.config.deepspeed_json import build_deepspeed_config, precision, resolve_global_batch, zero_stage
+from megatron_adamc.config.model_shape import model_config
+from megatron_adamc.config.train import TrainConfig
 from megatron_adamc.data.validate import check_eval_pass, check_split_sizes, parse_split, resolve_split
 from megatron_adamc.errors import ConfigError, DataError, UserError
 from megatron_adamc.outputs import check_cache_dir, check_output_dir
-from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.deepspeed_config import build_deepspeed_config, precision, resolve_global_batch, zero_stage
 from megatron_adamc.train.run_dir import check_run_dir
 
-# A stand-in vocabulary for validating the model before the tokenizer is known (the default corpus trains its own).
-_PROVISIONAL_VOCAB = 32_000
 # The default corpus's files: present, the cache may be read-only (prebuilt and shared).
 _DEFAULT_CORPUS_FILES = ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx")
-
-
-def model_config(config: TrainConfig, vocab_size: int | None = None):
-    """The LlamaConfig of the run; ``vocab_size`` is the tokenizer's (None: validate shapes only)."""
-    from pydantic import ValidationError
-
-    from megatron_adamc.model import LlamaConfig
-
-    overrides = config.model.overrides()
-    try:
-        model = LlamaConfig.from_preset(config.model.preset, **overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"model.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    except ValueError as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
-    if "vocab_size" not in overrides:
-        model.vocab_size = vocab_size or model.vocab_size or _PROVISIONAL_VOCAB
-    elif vocab_size is not None and vocab_size > model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab_size} tokens: "
-            f"drop model.vocab_size (it follows the tokenizer) or raise it"
-        )
-    if config.train.seq_len > model.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len={config.train.seq_len} is above the model's max_seq_len={model.max_seq_len}: "
-            f"lower train.seq_len or --set model.max_seq_len={config.train.seq_len}"
-        )
-    return model
 
 
 def check_data_paths(config: TrainConfig) -> Any | None:

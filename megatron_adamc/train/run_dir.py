@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_adamc.errors import RunLockedError, UserError
-from megatron_adamc.train.manifest import atomic_write_text
+from megatron_adamc.files import atomic_write_text
 
 LOCK = ".lock"
 RUN_INFO = "run.json"
@@ -146,7 +146,7 @@ def append_run_info(run_dir: Path, header: dict[str, Any], invocation: dict[str,
 
 def run_header(config: Any, ds_config: dict[str, Any], num_params: int) -> dict[str, Any]:
     """run.json's description of the run, refreshed by every invocation."""
-    from megatron_adamc.train.deepspeed_config import precision, zero_stage
+    from megatron_adamc.config.deepspeed_json import precision, zero_stage
 
     return {
         "config": config.model_dump(mode="json"), "deepspeed": ds_config, "zero_stage": zero_stage(ds_config),

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_adamc.config.deepspeed_json import precision, zero_stage
+from megatron_adamc.config.train import TrainConfig
 from megatron_adamc.data.loader import BatchLoader
 from megatron_adamc.errors import DivergenceError, MegatronAdamCError, UserError
 from megatron_adamc.metrics_file import (
@@ -51,8 +53,6 @@ from megatron_adamc.train.build import (
 )  # fmt: skip
 from megatron_adamc.train.checkpointer import Candidate, Checkpointer
 from megatron_adamc.train.component import Component
-from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.deepspeed_config import precision, zero_stage
 from megatron_adamc.train.distributed import DistEnv, all_mean, init_distributed
 from megatron_adamc.train.evaluator import Evaluator
 from megatron_adamc.train.guard import DivergenceGuard, poison, weight_norm
@@ -405,7 +405,7 @@ def train_from_config(config_path: str | Path, output_dir: str | Path, overrides
     """What ``megatron-adamc train`` does: load and validate the config with its overrides, build, train."""
     import logging
 
-    from megatron_adamc.train.config import load_config
+    from megatron_adamc.config.train import load_config
 
     config = load_config(str(config_path), overrides)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

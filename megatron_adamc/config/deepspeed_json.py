@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from megatron_adamc.config.deepspeed_sections import validate_sections
+from megatron_adamc.config.train import TrainConfig
 from megatron_adamc.errors import ConfigError, UserError
-from megatron_adamc.train.config import TrainConfig
-from megatron_adamc.train.deepspeed_sections import validate_sections
 
 # Top-level sections DeepSpeed reads outside DeepSpeedConfig's constructor (engine, activation checkpointing,
 # profiler, async I/O, autotuning), which the recorder in ``known_top_level_keys`` cannot see.

@@ -1,5 +1,9 @@
-"""Write-then-rename, so a failed or interrupted step never leaves a half-written file in place of a good one; and
-a lock for caches that several runs share, so that two of them never build (and read half-built) the same files."""
+"""Files that are never half-written, and caches that are never half-built: the project's one write-then-rename and
+its lock for shared caches (checkpoint pointer and manifest, run.json, corpora, tokenizers, index caches, weights).
+
+Write-then-rename: a failed or interrupted step never leaves a half-written file in place of a good one, and a
+reader sees the old content or the new, never a part. The lock: two runs never build (and read half-built) the
+same cache files."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def temp_name(path: str) -> str:
@@ -49,3 +54,26 @@ def cache_lock(directory: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` durably: written, fsynced, renamed, and the rename fsynced."""
+    with atomic_path(str(path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    fsync_dir(Path(path).parent)
