@@ -652,6 +652,52 @@ def tracking_quotes() -> list[str]:
     return rows + [f"the embedding at {min(emb):.2f}-{max(emb):.2f}"]
 
 
+# ------------------------------------------------------------------------------------------------------- README
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def readme_quotes() -> list[str]:
+    """The README quotes the results docs' own phrases (formatted from the same JSON), the timings of its two
+    commands (timings.json) and the user-error probe's counts (user_errors_probe.json)."""
+    at_best, avw, steady, adam, stability = (
+        at_best_quotes(),
+        avw_quotes(),
+        steady_quotes(),
+        adam_quotes(),
+        stability_quotes(),
+    )
+    pick = lambda quotes, *starts: [next(q for q in quotes if q.startswith(s)) for s in starts]  # noqa: E731
+    timings = load("timings")
+    probe = load("user_errors_probe")["summary"]
+    return [
+        *pick(
+            at_best,
+            "**Verdict:",
+            "at the last step it is",
+            "below 0 at",
+            "lower in validation",
+            "12.1 tokens",
+            "80 min",
+        ),
+        *pick(avw, "(1.34x)", "still rises"),
+        *pick(steady, "within 0.4%"),
+        *pick(adam, "at 0.93 of it", "the lr exponent is"),
+        *pick(stability, "(baseline d 64:", "QK-norm holds it", "best 3.78"),
+        f"**{_minutes(timings['make_train_fresh_s'])}** from nothing",
+        f"~{timings['make_train_steps_per_s']} steps/s",
+        f"`final train loss {timings['make_train_final_train_loss']:.4f} | validation loss "
+        f"{timings['make_train_final_val_loss']:.4f}`",
+        f"**{_minutes(timings['make_test_venv_s'])}** with the venv present ({timings['pytest_passed']} passed, "
+        f"{timings['pytest_skipped']} skipped), **{_minutes(timings['make_test_fresh_s'])}** the first time",
+        f"{timings['test_fast_passed']} tests): **{_minutes(timings['make_test_fast_s'])}**",
+        f"{probe['one_line']} of {probe['cases']} bad inputs and faults",
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ registry + test
 
 TABLES: dict[str, list[Callable[[], list[str]]]] = {
@@ -673,12 +719,13 @@ QUOTES: dict[str, list[Callable[[], list[str]]]] = {
     "results_adamc_at_best.md": [at_best_quotes],
     "results_adam_steady_state.md": [adam_quotes],
     "tracking.md": [tracking_quotes],
+    "README.md": [readme_quotes],
 }
 
 
 @pytest.mark.parametrize("doc", sorted(set(TABLES) | set(QUOTES)))
 def test_every_quoted_number_is_its_json(doc):
-    text = (DOCS / doc).read_text()
+    text = (REPO / doc if doc == "README.md" else DOCS / doc).read_text()
     lines = set(text.splitlines())
     flat = " ".join(text.split())  # prose is rewrapped freely: a quote may span lines
     missing = [row for make in TABLES.get(doc, []) for row in make() if row not in lines]

@@ -168,6 +168,28 @@ def test_dry_run_checks_the_config_at_the_jobs_world_size(config: Path, tmp_path
     assert "train_batch_size=16 contradicts micro_batch_size x grad_accum x world size = 8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("rc", "requeued"), [(2, False), (3, False), (4, False), (5, False), (1, True), (137, True)])
+def test_failure_requeue_skips_the_exit_codes_a_rerun_repeats(tmp_path: Path, rc: int, requeued: bool) -> None:
+    """With MAX_FAILURE_REQUEUES set, a crash (1, a signal) is requeued; bad input (2), divergence (3), no loadable
+    checkpoint (4) and a held run directory (5) are not: the requeued job would fail the same way, forever."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bin_dir / "sleep").write_text("#!/bin/sh\n")  # adamc_finish waits for the requeue to end it
+    for tool in ("scontrol", "sleep"):
+        (bin_dir / tool).chmod(0o755)
+    shell = f'source "{LAUNCH}/common.sh"; OUTPUT_DIR={tmp_path}/run; STEP_RC={rc}; adamc_finish'
+    (tmp_path / "run" / "slurm").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "MAX_FAILURE_REQUEUES": "3",
+           "MEGATRON_ADAMC_REQUEUE_FILE": str(tmp_path / "none")}  # fmt: skip
+    proc = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True)
+    calls = (tmp_path / "scontrol.calls").read_text() if (tmp_path / "scontrol.calls").exists() else ""
+    assert (calls == "requeue 7\n") == requeued, (calls, proc.stderr)
+    assert proc.returncode == (0 if requeued else rc), proc.stderr
+    if not requeued:
+        assert f"step failed with exit {rc}: not requeued" in proc.stderr
+
+
 def test_shell_scripts_parse_and_pass_shellcheck() -> None:
     scripts = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
     assert {p.name for p in scripts} >= {"train.sbatch", "megatron.sbatch", "node.sh", "common.sh", "env.sh"}

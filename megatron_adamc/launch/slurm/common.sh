@@ -105,6 +105,12 @@ adamc_finish() {
         sleep 60 # the requeue ends this script; do not report completion meanwhile
         exit 0
     fi
+    case "${STEP_RC}" in
+    2 | 3 | 4 | 5) # bad input, divergence, no loadable checkpoint, a held run directory: a rerun fails the same way
+        adamc_log "step failed with exit ${STEP_RC}: not requeued (see the error line above; docs/resilience.md)"
+        exit "${STEP_RC}"
+        ;;
+    esac
     if [[ "${STEP_RC}" -ne 0 ]]; then
         [[ -f "${failures_file}" ]] && failures="$(cat "${failures_file}")"
         if ((failures < ${MAX_FAILURE_REQUEUES:-0})); then
