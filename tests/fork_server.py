@@ -28,38 +28,25 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-PRELOAD = (
-    "torch", "deepspeed", "deepspeed.runtime.engine", "megatron.core.datasets.gpt_dataset",
-    "megatron.core.datasets.blended_megatron_dataset_builder", "megatron_adamc.cli", "megatron_adamc.cli.train",
-    "megatron_adamc.train.trainer", "megatron_adamc.train.build", "megatron_adamc.tracking.tracker",
-)  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------------------- server
+# The experiments' preload (torch, DeepSpeed, megatron-core's datasets, the trainer; it silences their import-time
+# notices itself), then what a CLI run imports beyond it.
+PRELOAD = ("megatron_adamc.experiments._fork_preload", "megatron_adamc.cli", "megatron_adamc.cli.train",
+           "megatron_adamc.tracking.tracker")  # fmt: skip
+
+
 def _preload() -> None:
     import importlib
-    import warnings
 
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    saved = os.dup(1), os.dup(2)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name in PRELOAD:
-                importlib.import_module(name)
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+_REPLIES = 1  # the fd replies go to: the pipe the client reads (serve() moves it off stdout)
 
 
 def _reply(message: dict) -> None:
-    os.write(1, (json.dumps(message) + "\n").encode())
+    os.write(_REPLIES, (json.dumps(message) + "\n").encode())
 
 
 def _child(request: dict) -> None:
@@ -73,6 +60,7 @@ def _child(request: dict) -> None:
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(handle, fd)
         os.close(handle)
+    os.close(_REPLIES)
     argv = request["argv"]
     code: int | str | None = 0
     try:
@@ -93,6 +81,9 @@ def _child(request: dict) -> None:
 
 
 def serve() -> None:
+    global _REPLIES
+    _REPLIES = os.dup(1)  # the protocol gets its own fd; anything an import prints to stdout goes to stderr
+    os.dup2(2, 1)
     _preload()
     _reply({"ready": os.getpid()})
     buffer = b""
