@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
             return 0
         if rank == crash_rank and step == crash_at and not (out / "crashed-once").exists():
             (out / "crashed-once").write_text(str(step))
-            os._exit(3)  # a rank dies without warning
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank dies without warning (a lost node, the OOM killer)
         # One "training step": every rank holds a shard of the target; the gradient is all-reduced.
         target = torch.tensor([3.0 + rank], dtype=torch.float64)
         grad = 2 * (w - target)
