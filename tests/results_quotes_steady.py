@@ -153,3 +153,56 @@ def tracking_quotes() -> list[str]:
     rows += [f"| {KINDS_TRACKING[key]} | {_over_kosson(*key)} | {_exponents(*key)} |" for key in KINDS_TRACKING]
     emb = [c["over_kosson"] for c in adam["constants"]["llama"]["embedding"].values()]
     return rows + [f"the embedding at {min(emb):.2f}-{max(emb):.2f}"]
+
+
+# ------------------------------------------------------------------------------ tracking overhead (tracking.md)
+
+OVERHEAD_MAIN = "8x256 fp32"
+
+
+def _overhead_rows(key: str) -> dict[str, dict]:
+    return {row["mode"]: row for row in load("tracking_overhead")["runs"][key]["rows"]}
+
+
+def overhead_table() -> list[str]:
+    """The main benchmark's table, as ``benchmarks/tracking_overhead.py`` prints it."""
+    lines = [
+        "| mode | step ms (median) | step ratio to off | tracker's own ms per step | tracker / off step |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, row in _overhead_rows(OVERHEAD_MAIN).items():
+        lines.append(
+            f"| {mode} | {row['step_ms']:.1f} | {row['step_ratio']:.4f} | {row['own_ms']:.2f} | {row['own_pct']:.2f}% |"
+        )
+    return lines
+
+
+def overhead_sizes_table() -> list[str]:
+    """One line per micro-batch and dtype the benchmark ran at."""
+    runs = load("tracking_overhead")["runs"]
+    lines = []
+    for key, run in runs.items():
+        rows = _overhead_rows(key)
+        every, norms = rows["tracking every step"], rows["norms only (no activation hooks) every step"]
+        full = run["safe_get_full_ms"]
+        lines.append(
+            f"| {key} | {rows['off']['step_ms']:.1f} | {every['own_ms']:.2f} ms = {every['own_pct']:.2f}% | "
+            f"{rows['tracking every 10 steps']['own_pct']:.2f}% | {norms['own_ms']:.2f} ms = {norms['own_pct']:.2f}% | "
+            f"{full / norms['own_ms']:.1f}x / {full / every['own_ms']:.1f}x |"
+        )
+    return lines
+
+
+def overhead_quotes() -> list[str]:
+    rows, run = _overhead_rows(OVERHEAD_MAIN), load("tracking_overhead")["runs"][OVERHEAD_MAIN]
+    every, norms = rows["tracking every step"], rows["norms only (no activation hooks) every step"]
+    full = run["safe_get_full_ms"]
+    return [
+        f"tracking every step: **{every['own_pct']:.2f}%, met**",
+        f"every 10 steps: **{rows['tracking every 10 steps']['own_pct']:.2f}%, not met**",
+        f"with the norms only (no activation hooks) {norms['own_pct']:.2f}% every step",
+        f"costs {full:.1f} ms per step timed directly: **{full / norms['own_ms']:.1f}x** the tracker's "
+        f"{norms['own_ms']:.2f} ms for the same per-layer norms, {full / every['own_ms']:.1f}x its "
+        f"{every['own_ms']:.2f} ms with the activations",
+        f"({rows['tracking+low precision every step']['own_pct']:.2f}% at every step here",
+    ]

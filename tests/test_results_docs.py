@@ -30,6 +30,9 @@ from results_quotes_adamc import (
 from results_quotes_stability import stability_quotes, stability_table
 from results_quotes_steady import (
     adam_quotes,
+    overhead_quotes,
+    overhead_sizes_table,
+    overhead_table,
     steady_quotes,
     steady_table,
     tracking_quotes,
@@ -90,6 +93,7 @@ TABLES: dict[str, list[Callable[[], list[str]]]] = {
     "results_stability.md": [stability_table],
     "results_adamc_vs_adamw.md": [avw_sweep_table, avw_best_table, avw_mid_table, avw_long_table, avw_forms_table],
     "results_steady_state.md": [steady_table],
+    "tracking.md": [overhead_table, overhead_sizes_table],
     "results_adamc_at_best.md": [
         at_best_phase1_table,
         at_best_arms_table,
@@ -104,7 +108,7 @@ QUOTES: dict[str, list[Callable[[], list[str]]]] = {
     "results_steady_state.md": [steady_quotes],
     "results_adamc_at_best.md": [at_best_quotes],
     "results_adam_steady_state.md": [adam_quotes],
-    "tracking.md": [tracking_quotes],
+    "tracking.md": [tracking_quotes, overhead_quotes],
     "README.md": [readme_quotes],
 }
 

@@ -2,8 +2,9 @@
 
 RMS of the outputs of ``layers.{i}.attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, and the largest attention
 logit of ``layers.{i}.attn`` (its ``last_max_logit``, set when ``track_max_logit`` is on: the model recomputes
-q k^T aside, without autograd, and keeps SDPA for the step). Hooks stay registered but return at once unless armed;
-on an armed step each keeps one device-side norm (no host sync) that the tracker reduces with everything else.
+q k^T aside, without autograd, and keeps SDPA for the step). The hooks are registered for a tracked step only (an
+untracked step runs the model exactly as without a tracker); each keeps one device-side norm (no host sync) that
+the tracker reduces with everything else.
 With FP8 simulation on, the INPUT of each tracked linear (what an FP8 GEMM would cast) goes through the E4M3
 delayed-scaling cast too.
 
@@ -53,14 +54,15 @@ class ActivationStats:
         self.layers: list[str] = []
         self._attention: list[nn.Module] = []
         self._restore: list[tuple[bool, int]] = []
-        self._handles = []
+        self._hooks: list[tuple[nn.Module, Any]] = []  # registered by ``arm``, removed by ``disarm``
+        self._handles: list[Any] = []
         for name, module in model.named_modules():
             if LINEAR.search(name):
-                self._handles.append(module.register_forward_hook(self._linear_hook(len(self.modules))))
+                self._hooks.append((module, self._linear_hook(len(self.modules))))
                 self.modules.append(name)
             match = ATTENTION.search(name)
             if match and hasattr(module, "track_max_logit"):
-                self._handles.append(module.register_forward_hook(self._attention_hook(len(self.layers))))
+                self._hooks.append((module, self._attention_hook(len(self.layers))))
                 self.layers.append(match.group(1))
                 self._attention.append(module)
         self.histories = [AmaxHistory("e4m3", amax_history) for _ in self.modules]
@@ -72,7 +74,6 @@ class ActivationStats:
         self.maxima = torch.full((len(self.modules) + len(self.layers),), -torch.inf, device=device)
         self._scales = [1.0] * len(self.modules)
         self._stance: Any = None
-        self.armed = False
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -80,6 +81,8 @@ class ActivationStats:
         self._handles = []
 
     def arm(self) -> None:
+        if not self._handles:
+            self._handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
         self._norms, self._norm_rows, self._counts = [], [], [0] * len(self.modules)
         self.fp8_sums.zero_()
         self.maxima.fill_(-torch.inf)
@@ -94,7 +97,6 @@ class ActivationStats:
             module.last_max_logit = None
         if self._stance is None:
             self._stance = torch.compiler.set_stance("force_eager")
-        self.armed = True
 
     def disarm(self) -> None:
         for module, (tracked, sequences) in zip(self._attention, self._restore, strict=True):
@@ -104,11 +106,11 @@ class ActivationStats:
         if self._stance is not None:
             self._stance.__exit__(None, None, None)  # back to the stance before ``arm``
             self._stance = None
-        self.armed = False
+        self.remove()
 
     def _linear_hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not self.armed or not isinstance(output, torch.Tensor) or in_backward():
+            if not isinstance(output, torch.Tensor) or in_backward():
                 return
             with torch.no_grad():
                 # One fused reduction, kept on the device; the sums are formed once, in ``sums()``.
@@ -135,7 +137,7 @@ class ActivationStats:
     def _attention_hook(self, index: int):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             logit = getattr(module, "last_max_logit", None)
-            if self.armed and isinstance(logit, torch.Tensor) and not in_backward():
+            if isinstance(logit, torch.Tensor) and not in_backward():
                 column = len(self.modules) + index  # all linears are known by now, not at registration
                 self.maxima[column] = torch.maximum(self.maxima[column], logit.detach().float().to(self.device))
 

@@ -28,7 +28,7 @@ W_AMAX, G_AMAX = range(2)
 
 
 class MasterStats:
-    """Accumulates per-parameter sums of this rank's partition while ``armed``; ``tables()`` hands them over."""
+    """Per-parameter sums of this rank's partition, between ``arm`` and ``disarm`` (the hooks exist only then)."""
 
     def __init__(
         self,
@@ -54,14 +54,11 @@ class MasterStats:
         self.weight_scales: list[float] = [1.0] * n
         self.grad_scales: list[float] = [1.0] * n
         self.fp8_ready = False
-        self.armed = False
         self.factor: float | None = None
         self.step_lrs: list[float] = []
         self._snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = []
-        for optimizer in optimizers:
-            self._handles.append(optimizer.register_step_pre_hook(self._pre))
-            self._handles.append(optimizer.register_step_post_hook(self._post))
+        self._optimizers = optimizers
+        self._handles: list[Any] = []
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -69,22 +66,24 @@ class MasterStats:
         self._handles = []
 
     def arm(self) -> None:
+        """Hooks go in for the tracked step only: an untracked step runs the optimizer exactly as without a tracker."""
+        if not self._handles:
+            for optimizer in self._optimizers:
+                self._handles.append(optimizer.register_step_pre_hook(self._pre))
+                self._handles.append(optimizer.register_step_post_hook(self._post))
         self.sums.zero_()
         self.fp8_sums.zero_()
         self.maxima.zero_()
         self.factor = None
         self.step_lrs = [float(group["lr"]) for group in self.param_groups]
         self._snapshots.clear()
-        self.armed = True
 
     def disarm(self) -> None:
-        self.armed = False
         self._snapshots.clear()
+        self.remove()
 
     @torch.no_grad()
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.armed:
-            return
         if self.factor is None:
             # Set by DeepSpeed before its first kernel call of the step; the same for every call of this step.
             self.factor = unclip_factor(self.global_norm(), self.clip)
@@ -133,8 +132,6 @@ class MasterStats:
 
     @torch.no_grad()
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.armed:
-            return
         diffs, rows, counts = [], [], []
         for group in optimizer.param_groups:
             for param in group["params"]:
