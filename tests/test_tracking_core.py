@@ -190,3 +190,44 @@ def test_each_adam_form_holds_in_its_own_regime() -> None:
     kosson = 1 / theory.momentum_factor(0.9)
     assert _normalized_update_at_equilibrium(0.9, orthogonal_update=False) == pytest.approx(kosson, rel=0.02)
     assert _normalized_update_at_equilibrium(0.0, orthogonal_update=False) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_hooks_exist_only_between_arm_and_disarm() -> None:
+    """An untracked step runs the model and the optimizer as if no tracker existed: no hook of the tracker is
+    registered then; a tracked step has them all and sums what they see."""
+    from megatron_adamc.model import LlamaConfig
+    from megatron_adamc.model.llama import Llama
+    from megatron_adamc.tracking.activations import ActivationStats
+    from megatron_adamc.tracking.layout import FlatLayout, Layout
+    from megatron_adamc.tracking.master import U2, W2, MasterStats
+
+    cfg = LlamaConfig.from_preset("tiny")
+    model = Llama(cfg, seed=0)
+    flat = torch.nn.Parameter(torch.randn(10))
+    optimizer = torch.optim.AdamW([flat], lr=1e-3)
+    layout = Layout(["w"], {id(flat): FlatLayout(flat, [0], [0], [10])}, True, "stage0", [0])
+    master = MasterStats(layout, [optimizer], lambda: None, 0.0, torch.device("cpu"))
+    acts = ActivationStats(model, torch.device("cpu"), low_precision=False, amax_history=4)
+
+    def hooks() -> tuple[int, int]:
+        forward = sum(len(module._forward_hooks) for module in model.modules())
+        return forward, len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+
+    def step() -> None:
+        with torch.no_grad():
+            model(torch.randint(0, cfg.vocab_size, (1, 9)))
+        flat.grad = torch.randn(10)
+        optimizer.step()
+
+    assert hooks() == (0, 0)
+    master.arm()
+    acts.arm()
+    assert hooks() == (5 * cfg.n_layers, 2)  # qkv, proj, fc1, fc2 and the attention of each layer; pre and post
+    step()
+    master.disarm()
+    acts.disarm()
+    assert hooks() == (0, 0)
+    sums, act_sums = master.sums.clone(), acts.sums()
+    assert sums[0, W2] > 0 and sums[0, U2] > 0 and bool((act_sums[:, 0] > 0).all())
+    step()  # untracked: nothing is summed
+    assert torch.equal(master.sums, sums) and torch.equal(acts.sums(), act_sums)

@@ -211,8 +211,12 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, after):
     """Ctrl-C once torch's library is being loaded (Python's own start-up, before any project code, is Python's),
     and ``after`` seconds later: one line, exit 130, no traceback, nothing created."""
     cmd = train_cmd(tmp_path / "run", steps=4)
+    # A terminal's foreground job: SIGINT at its default. A test process started as a background job of a
+    # non-interactive shell has SIGINT ignored, and the child would inherit that for the moments between the import
+    # guard and the trainer's own handler (the run then trained on and exited 0).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=subprocess_env())  # fmt: skip
+                            env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 60
     while not _loaded(proc.pid, "libtorch_cpu") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
