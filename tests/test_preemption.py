@@ -162,3 +162,21 @@ def test_after_the_stop_is_decided_more_signals_do_not_kill_the_process(tmp_path
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
+
+
+def test_the_trainer_tears_down_only_the_process_group_it_created() -> None:
+    """A gloo group still alive at interpreter exit can abort the process (exit 134, seen right after a preempted
+    rank saved its checkpoint: the requeue was lost). ``close_distributed`` destroys the group ``init_distributed``
+    created and leaves a caller's own group alone."""
+    code = (
+        "import torch.distributed as dist\n"
+        "from megatron_adamc.train.distributed import close_distributed, init_distributed\n"
+        "init_distributed(); close_distributed(); print(dist.is_initialized())\n"
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "init_distributed(); close_distributed(); print(dist.is_initialized())\n"
+    )
+    launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launched}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["False", "True"]

@@ -25,6 +25,9 @@ class DistEnv:
         return self.rank == 0
 
 
+_OWN_GROUP: list[bool] = [False]  # this process created the default group (so it also tears it down)
+
+
 def init_distributed() -> DistEnv:
     if "RANK" not in os.environ:  # a plain `megatron-adamc train`: one rank
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
@@ -41,12 +44,24 @@ def init_distributed() -> DistEnv:
         if not cuda and int(os.environ["WORLD_SIZE"]) == 1:
             skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend)
+        _OWN_GROUP[0] = True
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     # Nodes as torchrun numbers them (GROUP_RANK = node rank), counted over all ranks.
     node = int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", 0)))
     nodes: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, len(set(nodes)), device, backend)
+
+
+def close_distributed() -> None:
+    """Destroy the process group ``init_distributed`` created (a caller's own group is left alone).
+
+    WHY: a process that exits with its gloo group alive can abort in the interpreter's shutdown (``terminate called
+    without an active exception``, exit 134) when a gloo thread is still running: seen on a preempted rank that had
+    saved its checkpoint, which turned the job's requeue into a failure."""
+    if _OWN_GROUP[0] and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP[0] = False
 
 
 def skip_shm_comm_op() -> None:

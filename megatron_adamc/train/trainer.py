@@ -53,7 +53,7 @@ from megatron_adamc.train.build import (
 )  # fmt: skip
 from megatron_adamc.train.checkpointer import Candidate, Checkpointer
 from megatron_adamc.train.component import Component
-from megatron_adamc.train.distributed import DistEnv, all_mean, init_distributed
+from megatron_adamc.train.distributed import DistEnv, all_mean, close_distributed, init_distributed
 from megatron_adamc.train.evaluator import Evaluator
 from megatron_adamc.train.guard import DivergenceGuard, poison, weight_norm
 from megatron_adamc.train.jit_locks import watch_for_stale_locks
@@ -409,7 +409,10 @@ def train_from_config(config_path: str | Path, output_dir: str | Path, overrides
 
     config = load_config(str(config_path), overrides)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    Trainer.build(config, Path(output_dir)).train()
+    try:
+        Trainer.build(config, Path(output_dir)).train()
+    finally:
+        close_distributed()
     return 0
 
 

@@ -103,6 +103,7 @@ def main(argv: list[str]) -> int:
             save(step)
             if rank == 0:
                 handler.requeue()
+            dist.destroy_process_group()  # as the trainer does: a live gloo group can abort the exit (134)
             return 0
         if rank == crash_rank and step == crash_at and not (out / "crashed-once").exists():
             (out / "crashed-once").write_text(str(step))
