@@ -221,6 +221,7 @@ def worker(args: argparse.Namespace) -> None:
             print(f"block {block_index + 1}/{args.blocks} of every-10-steps", file=sys.stderr, flush=True)
     if rank == 0:
         report(args, model, times, blocks, extra, own)
+    dist.destroy_process_group()  # a live gloo group can abort the interpreter's exit
 
 
 def report(args: argparse.Namespace, model: torch.nn.Module, times: dict, blocks: dict, extra: dict, own: dict) -> None:
