@@ -57,8 +57,8 @@ def close_distributed() -> None:
     """Destroy the process group ``init_distributed`` created (a caller's own group is left alone).
 
     WHY: a process that exits with its gloo group alive can abort in the interpreter's shutdown (``terminate called
-    without an active exception``, exit 134) when a gloo thread is still running: seen on a preempted rank that had
-    saved its checkpoint, which turned the job's requeue into a failure."""
+    without an active exception``, SIGABRT, exit 134): 7 of 50 rank exits of a 2-rank gloo loop on torch 2.13, none of
+    50 after a destroy. Seen on a preempted Slurm rank that had saved its checkpoint: the requeue became a failure."""
     if _OWN_GROUP[0] and dist.is_initialized():
         dist.destroy_process_group()
     _OWN_GROUP[0] = False
