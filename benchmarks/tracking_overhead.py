@@ -305,6 +305,8 @@ def main() -> int:
     args = parser.parse_args()
     if min(args.rounds, args.blocks, args.batch, args.seq) < 1 or args.seq > 256:
         parser.error("--rounds, --blocks, --batch and --seq must be >= 1, and --seq <= 256 (the tiny preset's max)")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"--output {args.output}: its folder does not exist (create it first)")
     if "RANK" not in os.environ:
         return launch(sys.argv[1:])
     worker(args)

@@ -25,10 +25,11 @@ class DistEnv:
         return self.rank == 0
 
 
-_OWN_GROUP: list[bool] = [False]  # this process created the default group (so it also tears it down)
+_owns_group = False  # this process created the default group (so it also tears it down)
 
 
 def init_distributed() -> DistEnv:
+    global _owns_group
     if "RANK" not in os.environ:  # a plain `megatron-adamc train`: one rank
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -44,7 +45,7 @@ def init_distributed() -> DistEnv:
         if not cuda and int(os.environ["WORLD_SIZE"]) == 1:
             skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend)
-        _OWN_GROUP[0] = True
+        _owns_group = True
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     # Nodes as torchrun numbers them (GROUP_RANK = node rank), counted over all ranks.
     node = int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", 0)))
@@ -59,9 +60,10 @@ def close_distributed() -> None:
     WHY: a process that exits with its gloo group alive can abort in the interpreter's shutdown (``terminate called
     without an active exception``, SIGABRT, exit 134): 7 of 50 rank exits of a 2-rank gloo loop on torch 2.13, none of
     50 after a destroy. Seen on a preempted Slurm rank that had saved its checkpoint: the requeue became a failure."""
-    if _OWN_GROUP[0] and dist.is_initialized():
+    global _owns_group
+    if _owns_group and dist.is_initialized():
         dist.destroy_process_group()
-    _OWN_GROUP[0] = False
+    _owns_group = False
 
 
 def skip_shm_comm_op() -> None:
